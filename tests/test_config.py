@@ -109,3 +109,10 @@ def test_non_editable_wheel_ships_profiles(repo, tmp_path):
     out = subprocess.run([sys.executable, '-c', CHECK], cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
     assert out.split()[0] == '192'
     assert Path(out.split()[1]).resolve() == (site / 'sce_mae' / 'settings.ini').resolve()
+
+
+def test_runtime_dependencies_import():
+    "torch, torchvision and timm must import together (a CPU-only torch with PyPI's torchvision does not)."
+    out = subprocess.run([sys.executable, '-c', 'import torch, torchvision, timm, sklearn, matplotlib, tqdm; print("ok")'],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-2000:]
