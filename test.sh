@@ -20,7 +20,8 @@ if [ -n "$untracked" ]; then
 fi
 
 echo "== nbdev-test: every notebook, top to bottom"
-nbdev-test --n-workers "${NBDEV_WORKERS:-2}" --timing ${NBDEV_FLAGS:+--flags "$NBDEV_FLAGS"}
+# notebooks run NBDEV_WORKERS at a time: one math thread each, so they do not fight over the cores
+OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" nbdev-test --n-workers "${NBDEV_WORKERS:-2}" --timing ${NBDEV_FLAGS:+--flags "$NBDEV_FLAGS"}
 
 echo "== pytest"
 python -m pytest -q -rs "$@"

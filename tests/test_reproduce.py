@@ -1,0 +1,142 @@
+"""`sce-mae-reproduce --profile smoke` end to end (what CI runs): a run that resumes a killed pretraining, the report
+folder, a rerun that skips every stage, a partial redo, the refusal of another profile, and examples/api_match.py."""
+import json, re, shutil, subprocess, sys, time
+from pathlib import Path
+import pytest
+import torch
+from sce_mae.config import load_profile, load_checkpoint
+from sce_mae.pretrain import pretrain
+from sce_mae.reproduce import STAGES, REPORT, run_status, check_run, main, paper_point
+
+REPO = Path(__file__).resolve().parent.parent
+EXE = shutil.which('sce-mae-reproduce') or str(Path(sys.executable).parent / 'sce-mae-reproduce')
+NAMES = [s.name for s in STAGES]
+
+
+def _cli(*args, timeout=1200):
+    r = subprocess.run([EXE, *args], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"rc {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
+    return r
+
+
+def _banner(stdout: str, name: str) -> str:
+    "The banner line of stage `name` in the output of a run."
+    lines = [l for l in stdout.splitlines() if re.match(rf'\[\d+/\d+\] {name}:', l)]
+    assert len(lines) == 1, f"no single banner for {name} in:\n{stdout}"
+    return lines[0]
+
+
+def _mtimes(run: Path) -> dict:
+    return {s.name: (run / s.folder / s.artefact).stat().st_mtime_ns for s in STAGES}
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+    "A smoke run whose pretraining was killed after its first epoch, then completed by `sce-mae-reproduce`."
+    out = tmp_path_factory.mktemp('reproduce') / 'run'
+    p = load_profile('smoke')
+    assert p.pre_epochs >= 2
+    ck = pretrain(p, out / 'pretrain', stop_after=1, progress=False)          # as if killed after epoch 1
+    assert ck.name == 'checkpoint.pt' and not (out / 'pretrain' / 'mae.pt').exists()
+    t0 = time.time()
+    r = _cli('--profile', 'smoke', '--out', str(out), '--no-progress')
+    return dict(out=out, stdout=r.stdout, stderr=r.stderr, seconds=time.time() - t0, profile=p)
+
+
+def test_first_run_resumes_the_killed_stage_and_finishes(run):
+    out, so = run['out'], run['stdout']
+    assert 'resuming after epoch 1' in _banner(so, 'pretrain')
+    for name in NAMES[1:]: assert 'skipped' not in _banner(so, name)
+    assert run_status(out) == {n: 'done' for n in NAMES}
+    assert so.strip().splitlines()[-1] == str(out / REPORT / 'report.md')
+    log = json.loads((out / 'pretrain' / 'log.json').read_text())
+    p = run['profile']
+    assert [e['epoch'] for e in log['epochs']] == list(range(1, p.pre_epochs + 1))    # epoch 1 kept, the rest resumed
+    assert [s['step'] for s in log['steps']] == list(range(p.pre_epochs * (p.n_train // p.pre_batch)))
+    rl = json.loads((out / 'run.json').read_text())
+    st = rl['invocations'][-1]['stages']
+    assert rl['invocations'][-1]['status'] == 'finished'
+    assert st['pretrain']['action'] == 'resumed' and all(st[n]['action'] == 'ran' for n in NAMES[1:])
+    assert all(st[n]['wall_s'] > 0 and st[n]['cpu_s'] > 0 for n in NAMES)
+
+
+def test_report_folder(run):
+    out = run['out']; rep = out / REPORT
+    for f in ('report.md', 'results.json', 'results.md', 'profile.json', 'environment.json', 'timings.json'):
+        assert (rep / f).is_file(), f
+    assert json.loads((rep / 'profile.json').read_text()) == json.loads(json.dumps(run['profile'].to_dict()))
+    env = json.loads((rep / 'environment.json').read_text())
+    assert env['versions']['torch'] == torch.__version__ and env['machine']['cores'] >= 1
+    res = json.loads((rep / 'results.json').read_text())
+    assert res == json.loads((out / 'eval' / 'results.json').read_text())
+    text = json.dumps(res).lower()
+    for row in ('same_location', 'raw', 'dve', 'no_cluster', 'sce', 'paper'):     # every baseline row, and the paper's numbers
+        assert row in text, f"results.json has no {row!r} row"
+    md = (rep / 'report.md').read_text()
+    figs = re.findall(r'!\[[^\]]*\]\((figures/[^)]+)\)', md)
+    assert 'figures/pipeline.png' in figs and 'figures/training.png' in figs and len(figs) >= 3
+    for f in figs: assert (rep / f).is_file(), f
+    for word in ('## Results', '## Time per stage', 'git commit', 'torch', 'seed', 'claim'):
+        assert word in md, word
+    timings = json.loads((rep / 'timings.json').read_text())
+    assert set(NAMES) <= set(timings['stages'])
+    checks = paper_point(res)
+    assert len(checks) >= 3 and all(set(c) >= {'claim', 'ours', 'other', 'holds'} for c in checks)
+
+
+def test_rerun_skips_every_finished_stage(run):
+    out = run['out']
+    before = _mtimes(out)
+    t0 = time.time()
+    r = _cli('--profile', 'smoke', '--out', str(out), '--no-progress')
+    secs = time.time() - t0
+    for name in NAMES: assert 'skipped' in _banner(r.stdout, name)
+    assert _mtimes(out) == before
+    st = json.loads((out / 'run.json').read_text())['invocations'][-1]['stages']
+    assert {n: st[n]['action'] for n in NAMES} == {n: 'skipped' for n in NAMES}
+    assert secs < max(60, run['seconds'] / 3), (secs, run['seconds'])
+
+
+def test_only_deleted_stages_are_redone(run):
+    out = run['out']
+    old = load_checkpoint(out / 'refine_sce' / 'refined.pt')['projector']
+    before = _mtimes(out)
+    shutil.rmtree(out / 'eval'); (out / 'refine_sce' / 'refined.pt').unlink()
+    assert run_status(out)['refine_sce'] == 'partial' and run_status(out)['evaluate'] == 'todo'
+    r = _cli('--profile', 'smoke', '--out', str(out), '--no-progress')
+    for name in ('pretrain', 'refine_no_cluster', 'refine_dve'): assert 'skipped' in _banner(r.stdout, name)
+    assert 'resuming' in _banner(r.stdout, 'refine_sce') and 'skipped' not in _banner(r.stdout, 'evaluate')
+    after = _mtimes(out)
+    assert all(after[n] == before[n] for n in ('pretrain', 'refine_no_cluster', 'refine_dve'))
+    new = load_checkpoint(out / 'refine_sce' / 'refined.pt')['projector']
+    assert all(torch.equal(old[k], new[k]) for k in old)        # resumed from its final checkpoint: the same projector
+    assert run_status(out) == {n: 'done' for n in NAMES} and (out / REPORT / 'results.json').is_file()
+
+
+def test_another_profile_is_refused(run, capsys, tmp_path):
+    out = run['out']
+    with pytest.raises(SystemExit) as e:
+        main(['--profile', 'demo', '--out', str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "holds a run of profile 'smoke'" in err and '--force' in err
+    with pytest.raises(SystemExit):
+        main(['--profile', 'smoke', '--seed', '1', '--out', str(out)])
+    assert 'seed (0 there, 1 asked)' in capsys.readouterr().err
+    (tmp_path / 'pretrain').mkdir(); (tmp_path / 'profile.json').write_text((out / 'profile.json').read_text())
+    (tmp_path / 'keep.txt').write_text('not the run')
+    check_run(tmp_path, load_profile('demo'), force=True, say=lambda s: None)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ['keep.txt']
+
+
+def test_example_script(run):
+    "examples/api_match.py (README's Python-API example) loads the run, matches a landmark, prints predicted and true."
+    r = subprocess.run([sys.executable, str(REPO / 'examples' / 'api_match.py'), str(run['out']), '--landmark', '1'],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    num = r'\(([-\d.]+), ([-\d.]+)\)'
+    pred = [float(x) for x in re.search(r'predicted in test image 1: ' + num, r.stdout).groups()]
+    true = [float(x) for x in re.search(r'true: +' + num, r.stdout).groups()]
+    err = float(re.search(r'error: ([\d.]+) px', r.stdout).group(1))
+    assert all(-1 <= v <= 96 for v in pred + true)
+    assert abs(err - ((pred[0] - true[0]) ** 2 + (pred[1] - true[1]) ** 2) ** 0.5) < 0.2
