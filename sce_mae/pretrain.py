@@ -77,7 +77,7 @@ def load_frames(profile: Profile | str, dataset: str | None = None, root=None, s
     _FRAMES.clear(); _FRAMES[key] = out  # one set of frames at a time
     return out
 
-# %% ../nbs/05_pretrain.ipynb #7d20ce21
+# %% ../nbs/05_pretrain.ipynb #4e02bd33
 def _gen(*ints: int) -> torch.Generator:
     "A CPU generator seeded by a fixed mix of integers (e.g. seed, salt, epoch, step)."
     h = 0
@@ -97,21 +97,15 @@ def step_draws(seed: int, epoch: int, step: int, batch: int, profile: Profile) -
                 noise=torch.rand(batch, profile.n_tokens, generator=g))
 
 def augment(frames: torch.Tensor, off: torch.Tensor, fac: torch.Tensor, size: int) -> torch.Tensor:
-    "uint8 frames (B, 3, F, F) -> float [0, 1] crops (B, 3, size, size) at `off` (B, 2) (y, x), jittered by `fac` (B, 3)."
+    """uint8 frames (B, 3, F, F) -> float [0, 1] crops (B, 3, size, size) at `off` (B, 2) (y, x), jittered by `fac` (B, 3).
+    Brightness b, contrast c (around the image's mean grey) and saturation s (around each pixel's grey)
+    compose to one affine map per image, b*c*s*x + b*c*(1-s)*grey + b*(1-c)*mean_grey, clipped once."""
     B, dev = len(frames), frames.device
-    off, fac = off.to(dev), fac.to(dev)
-    r = torch.arange(size, device=dev)
-    rows = (off[:, 0, None] + r)[:, None, :, None]
-    cols = (off[:, 1, None] + r)[:, None, None, :]
-    x = frames[torch.arange(B, device=dev)[:, None, None, None], torch.arange(3, device=dev)[None, :, None, None], rows, cols]
-    x = x.float().div_(255)
-    gray_w = torch.tensor([0.299, 0.587, 0.114], device=dev).view(1, 3, 1, 1)
-    b, c, s = (fac[:, i].view(B, 1, 1, 1) for i in range(3))
-    x = (x * b).clamp_(0, 1)                                               # brightness
-    m = (x * gray_w).sum(1, keepdim=True).mean((2, 3), keepdim=True)
-    x = ((x - m) * c + m).clamp_(0, 1)                                      # contrast
-    gray = (x * gray_w).sum(1, keepdim=True)
-    return ((x - gray) * s + gray).clamp_(0, 1)                             # saturation
+    x = torch.stack([frames[i, :, y:y + size, x_:x_ + size] for i, (y, x_) in enumerate(off.tolist())]).float().div_(255)
+    b, c, s = (fac[:, i].to(dev).view(B, 1, 1, 1) for i in range(3))
+    grey = x[:, :1] * 0.299 + x[:, 1:2] * 0.587 + x[:, 2:] * 0.114
+    mean_grey = grey.mean((2, 3), keepdim=True)
+    return x.mul_(b * c * s).add_(grey * (b * c * (1 - s))).add_(mean_grey * (b * (1 - c))).clamp_(0, 1)
 
 # %% ../nbs/05_pretrain.ipynb #070240e2
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, frames: torch.Tensor, draws: dict, lr: float,
