@@ -295,7 +295,7 @@ def show_attention(imgs: torch.Tensor, attn: torch.Tensor, title: str = 'CLS att
     fig.suptitle(title, fontsize=10); fig.tight_layout()
     return fig
 
-# %% ../nbs/04_mae.ipynb #e89167e0
+# %% ../nbs/04_mae.ipynb #10c0c9de
 class WeightLoadError(ValueError):
     "A state dict that does not fit the model: names the missing, unexpected and mis-shaped keys."
 
@@ -337,11 +337,12 @@ def load_vit_state_dict(mae: MAE, sd: dict, source: str = 'state dict') -> dict:
     return dict(loaded=need, decoder=has_dec, ignored=ignored)
 
 def load_mae(path, map_location='cpu') -> MAE:
-    "An `MAE` from our checkpoint (`save_mae`, or the pretraining's `checkpoint.pt`), built from the profile inside, in eval mode."
+    "An `MAE` from our checkpoint (`save_mae`, or the pretraining's `checkpoint.pt`), built from the profile inside, in eval mode, on `map_location` when that names a device."
     ck = load_checkpoint(path, map_location=map_location)
     if 'profile' not in ck or 'model' not in ck:
         raise WeightLoadError(f"{path}: not an sce-mae checkpoint (keys {sorted(ck)[:10]}); "
                               f"for a timm or MAE state dict use load_vit_state_dict(MAE(profile), sd)")
     mae = MAE(Profile.from_dict(ck['profile']))
     load_vit_state_dict(mae, ck['model'], source=str(path))
+    if isinstance(map_location, (str, torch.device)): mae = mae.to(map_location)
     return mae.eval()

@@ -17,8 +17,8 @@ from .tps import tps_pair
 
 # %% auto #0
 __all__ = ['FRAME', 'MATCHERS', 'DOT_COLOURS', 'grid_centres', 'nearest_cell', 'bump_features', 'match_points', 'match_errors',
-           'make_pairs', 'matching_views', 'matching_eval', 'same_location_baseline', 'random_conv_features',
-           'DotFaces', 'dot_features', 'show_matches']
+           'displacement_followed', 'make_pairs', 'matching_views', 'matching_eval', 'same_location_baseline',
+           'random_conv_features', 'DotFaces', 'dot_features', 'show_matches']
 
 # %% ../nbs/12_matching.ipynb #4c8f7536
 FRAME = 70                  # side of DVE's canonical frame: errors are reported in its pixels
@@ -47,7 +47,7 @@ def bump_features(lms: torch.Tensor, size: int = 96, stride: int = 4, sigma: flo
     if const: f = torch.cat([f, torch.full_like(f[:, :1], const)], 1)
     return f
 
-# %% ../nbs/12_matching.ipynb #2bca2659
+# %% ../nbs/12_matching.ipynb #41f8f181
 def _taps(n: int, size: int, device=None):
     "Per output pixel of a `size` axis: the two source cells (i0, i1) and weight t of i1, as F.interpolate(align_corners=False)."
     src = ((torch.arange(size, device=device, dtype=torch.float32) + 0.5) * (n / size) - 0.5).clamp(0, n - 1)
@@ -129,7 +129,14 @@ def match_errors(pred: torch.Tensor, gt: torch.Tensor, size: int = 96) -> torch.
     "Distances (B, P) between matched and true positions, in pixels of DVE's 70 x 70 frame (x 70 / size)."
     return (pred.float() - gt.float()).norm(dim=-1) * (FRAME / size)
 
-# %% ../nbs/12_matching.ipynb #1207b3eb
+def displacement_followed(pred: torch.Tensor, ref: torch.Tensor, gt: torch.Tensor) -> float:
+    """How far the matches move with the landmarks: the least-squares slope of (pred - ref) on (gt - ref), pooled over
+    all points. 0: the matches stay at the reference position (what the same-location baseline does); 1: they follow
+    the true landmark. A feature that mostly encodes position scores near 0 on different identities."""
+    d, m = (gt - ref).reshape(-1, 2).double(), (pred - ref).reshape(-1, 2).double()
+    return float((d * m).sum() / (d * d).sum().clamp_min(1e-12))
+
+# %% ../nbs/12_matching.ipynb #68be09ba
 def make_pairs(n: int) -> torch.Tensor:
     "DVE's pairs of the first `n` images: (n // 2, 2) rows (2m, 2m + 1)."
     if n < 2: raise ValueError(f"matching needs at least 2 images; got {n}")
@@ -162,7 +169,7 @@ def matching_views(dataset, profile: Profile | str | None = None, n: int | None 
     if path is not None: save_checkpoint(v, path)
     return v
 
-# %% ../nbs/12_matching.ipynb #035da1e9
+# %% ../nbs/12_matching.ipynb #027550dd
 def _matchers(matcher) -> tuple[str, ...]:
     ms = (matcher,) if isinstance(matcher, str) else tuple(matcher)
     bad = [m for m in ms if m not in MATCHERS]
@@ -221,7 +228,7 @@ def same_location_baseline(dataset=None, profile: Profile | str | None = None, n
                 same_location=_entry(match_errors(guess, views['lms2'][ref], size),
                                      match_errors(guess, views['lms2'][other], size)))
 
-# %% ../nbs/12_matching.ipynb #40b46908
+# %% ../nbs/12_matching.ipynb #bfa1aa5b
 def random_conv_features(channels: int = 32, stride: int = 4, seed: int = 0):
     "A fixed random conv `feat_fn` (kernel = stride, ReLU): a cheap, untrained dense feature extractor for tests."
     g = torch.Generator().manual_seed(seed)
@@ -230,7 +237,7 @@ def random_conv_features(channels: int = 32, stride: int = 4, seed: int = 0):
     def feat_fn(imgs): return F.relu(F.conv2d(imgs.float() * 2 - 1, w.to(imgs.device), b.to(imgs.device), stride=stride))
     return feat_fn
 
-# %% ../nbs/12_matching.ipynb #d78eb3dc
+# %% ../nbs/12_matching.ipynb #a53dc7d1
 DOT_COLOURS = torch.tensor([[1., 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1]])
 
 class DotFaces(Dataset):
@@ -262,7 +269,7 @@ def dot_features(stride: int = 1, const: float = 1.0, blur: float = 0.):
         return F.avg_pool2d(f, stride) if stride > 1 else f
     return feat_fn
 
-# %% ../nbs/12_matching.ipynb #17791a6c
+# %% ../nbs/12_matching.ipynb #81e7d981
 @torch.no_grad()
 def show_matches(feat_fn, dataset=None, profile: Profile | str | None = None, pairs=range(4), matcher: str = 'paper',
                  identity: str = 'different', views: dict | None = None, seed: int = 0, cols: int = 2):

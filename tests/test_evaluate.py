@@ -64,6 +64,7 @@ def test_cli_writes_every_table_and_figure(run, cli_result, p):
         assert 0 < d['error'] < 200 and d['n_train'] == p.det_train
         assert d['dim'] == (p.embed_dim if k == 'mae' else p.embed_dim + p.proj_dim)
         assert -1 <= res['feature_quality']['rows'][k]['silhouette'] <= 1
+        assert res['feature_quality']['rows'][k]['position_r2'] <= 1.0
         assert len(res['feature_quality']['rows'][k]['tsne']) == 5 * min(p.tsne_images, res['detection']['n_test'])
     assert set(res['timings']) >= {'views', 'matching', 'detection', 'limited', 'feature_quality', 'total'}
     figs = {'tsne.png', 'limited.png', 'detection_sce.png', *[f'matching_{k}.png' for k in FEATURE_ROWS]}

@@ -1,5 +1,5 @@
 """`sce-mae-reproduce --profile smoke` end to end (what CI runs): a run that resumes a killed pretraining, the report
-folder, a rerun that skips every stage, a partial redo, the refusal of another profile, and examples/api_match.py."""
+folder, a rerun that skips every stage, a partial redo, the refusal of another profile, examples/api_match.py and examples/diagnose_run.py."""
 import json, re, shutil, subprocess, sys, time
 from pathlib import Path
 import pytest
@@ -141,3 +141,17 @@ def test_example_script(run):
     err = float(re.search(r'error: ([\d.]+) px', r.stdout).group(1))
     assert all(-1 <= v <= 96 for v in pred + true)
     assert abs(err - ((pred[0] - true[0]) ** 2 + (pred[1] - true[1]) ** 2) ** 0.5) < 0.2
+
+
+def test_diagnose_script(run, tmp_path):
+    "examples/diagnose_run.py scores every row of the run on a validation split and refuses the training seed."
+    ex, j = str(REPO / 'examples' / 'diagnose_run.py'), tmp_path / 'diag.json'
+    r = subprocess.run([sys.executable, ex, str(run['out']), '--n', '8', '--json', str(j)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(j.read_text())
+    assert {k.split(':')[-1] for k in d} == {'same_location', 'raw MAE', 'sce', 'no_cluster', 'dve'}
+    assert d['same_location']['followed'] == 0.0 and all(0 <= v['different'] < 100 for v in d.values())
+    assert all(v['position_r2'] <= 1 and -1 <= v['silhouette'] <= 1 for k, v in d.items() if k != 'same_location')
+    r = subprocess.run([sys.executable, ex, str(run['out']), '--seed', '0'], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and 'training faces' in r.stderr
