@@ -17,8 +17,8 @@ from .mae import MAE, save_mae, load_mae, reconstruct, show_reconstructions, sho
 
 # %% auto #0
 __all__ = ['warmup_cosine', 'pretrain_lr', 'param_groups', 'adamw', 'make_optimizer', 'load_frames', 'seeded_generator',
-           'epoch_order', 'step_draws', 'augment', 'train_step', 'rng_state', 'set_rng_state', 'pretrain', 'plot_loss',
-           'show_recon_progress', 'main', 'ReferenceMAE', 'bench_pretrain']
+           'epoch_order', 'step_draws', 'augment', 'train_step', 'rng_state', 'set_rng_state', 'StepLog', 'pretrain',
+           'plot_loss', 'show_recon_progress', 'main', 'ReferenceMAE', 'bench_pretrain']
 
 # %% ../nbs/05_pretrain.ipynb #b255262e
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float = 0.0) -> float:
@@ -150,7 +150,22 @@ def set_rng_state(st: dict):
     if 'cuda' in st and torch.cuda.is_available() and len(st['cuda']) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(st['cuda'])
 
-# %% ../nbs/05_pretrain.ipynb #b12e600c
+# %% ../nbs/05_pretrain.ipynb #61f46f58
+class StepLog:
+    "The books of a training loop: per-step loss check and log, progress bar, per-epoch summary in `log`."
+    def __init__(self, log: dict, bar, batch: int): self.log, self.bar, self.batch = log, bar, batch
+    def start_epoch(self): self.t0, self.losses = time.perf_counter(), []
+    def step(self, loss: float, step: int, epoch: int, lr: float):
+        if not math.isfinite(loss): raise FloatingPointError(f"loss is {loss} at epoch {epoch}, step {step}")
+        self.losses.append(loss); self.log['steps'].append(dict(step=step, epoch=epoch, loss=loss, lr=lr))
+        rate = self.batch * len(self.losses) / (time.perf_counter() - self.t0)
+        self.bar.update(); self.bar.set_postfix(epoch=epoch + 1, loss=f'{loss:.4f}', img_s=f'{rate:.0f}')
+    def end_epoch(self, epoch: int):
+        dt = time.perf_counter() - self.t0
+        self.log['epochs'].append(dict(epoch=epoch + 1, loss=sum(self.losses) / len(self.losses), time_s=dt,
+                                       img_per_s=self.batch * len(self.losses) / dt))
+
+# %% ../nbs/05_pretrain.ipynb #efe2bb69
 def pretrain(profile: Profile | str, out, dataset: str | None = None, root=None, resume: bool = False,
              device=None, seed: int | None = None, *, frames: torch.Tensor | None = None,
              stop_after: int | None = None, callback=None, progress: bool = True) -> Path:
@@ -194,23 +209,20 @@ def pretrain(profile: Profile | str, out, dataset: str | None = None, root=None,
             net = DDP(model, device_ids=[dev.index] if dev.type == 'cuda' else None)
         model.train()
         bar = tqdm(total=total, initial=step, desc=f'pretrain {p.name}', disable=not progress or rank != 0)
+        books = StepLog(log, bar, B)
         done = 0
         for epoch in range(epoch0, p.pre_epochs):
             order = epoch_order(seed, epoch, n)
-            t0, losses = time.perf_counter(), []
+            books.start_epoch()
             for i in range(spe):
                 idx = order[i * B:(i + 1) * B][rank * b:(rank + 1) * b]
                 d = {k: v[rank * b:(rank + 1) * b] for k, v in step_draws(seed, epoch, i, B, p).items()}
                 lr = warmup_cosine(step, total, warm, lr0)
                 loss = train_step(net, opt, frames[idx].to(dev, non_blocking=True), d, lr, p.img_size)
                 if world > 1: dist.all_reduce(loss); loss /= world
-                loss = loss.item()
-                if not math.isfinite(loss): raise FloatingPointError(f"loss is {loss} at epoch {epoch}, step {step}")
-                losses.append(loss); log['steps'].append(dict(step=step, epoch=epoch, loss=loss, lr=lr))
+                books.step(loss.item(), step, epoch, lr)
                 step += 1
-                bar.update(); bar.set_postfix(epoch=epoch + 1, loss=f'{loss:.4f}', img_s=f'{B * (i + 1) / (time.perf_counter() - t0):.0f}')
-            dt = time.perf_counter() - t0
-            log['epochs'].append(dict(epoch=epoch + 1, loss=sum(losses) / len(losses), time_s=dt, img_per_s=B * spe / dt))
+            books.end_epoch(epoch)
             if rank == 0:
                 save_checkpoint(dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch + 1, step=step,
                                      rng=rng_state(), profile=p.to_dict(), seed=seed, log=log), ck_path)
@@ -229,7 +241,7 @@ def pretrain(profile: Profile | str, out, dataset: str | None = None, root=None,
     finally:
         if started: dist.destroy_process_group()
 
-# %% ../nbs/05_pretrain.ipynb #d80084ee
+# %% ../nbs/05_pretrain.ipynb #f9cc8b3a
 def plot_loss(log: dict, title: str | None = None):
     "The loss per step (and its mean per epoch) of a pretraining log (`out/log.json`)."
     import matplotlib.pyplot as plt
@@ -244,7 +256,7 @@ def plot_loss(log: dict, title: str | None = None):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/05_pretrain.ipynb #53bef75d
+# %% ../nbs/05_pretrain.ipynb #cea42a31
 def show_recon_progress(imgs: torch.Tensor, masked: torch.Tensor, snaps: dict, title: str = 'reconstructions during training'):
     "Faces, their masked view, and the reconstructions (pasted into the hidden patches) after each epoch in `snaps` {epoch: (B,3,H,W)}."
     import matplotlib.pyplot as plt
@@ -258,7 +270,7 @@ def show_recon_progress(imgs: torch.Tensor, masked: torch.Tensor, snaps: dict, t
     fig.suptitle(title, fontsize=10); fig.tight_layout()
     return fig
 
-# %% ../nbs/05_pretrain.ipynb #37a31177
+# %% ../nbs/05_pretrain.ipynb #ed2ed994
 def main(argv=None):
     "`sce-mae-pretrain`: MAE pretraining (stage 1) of a profile, or `--bench` to time its training step."
     ap = argparse.ArgumentParser(prog='sce-mae-pretrain', description='SCE-MAE stage 1: MAE pretraining. '
@@ -282,7 +294,7 @@ def main(argv=None):
                     seed=a.seed, stop_after=a.stop_after)
     if int(os.environ.get('RANK', '0')) == 0: print(path)
 
-# %% ../nbs/05_pretrain.ipynb #b7dd389e
+# %% ../nbs/05_pretrain.ipynb #c69be234
 class _RefAttention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
@@ -319,7 +331,7 @@ class ReferenceMAE(MAE):
         self.decoder_norm = nn.LayerNorm(p.dec_embed_dim, eps=1e-6)
         self._init_weights()
 
-# %% ../nbs/05_pretrain.ipynb #8cc16a15
+# %% ../nbs/05_pretrain.ipynb #87693b34
 def bench_pretrain(profile: Profile | str, steps: int = 10, batch: int | None = None, device=None,
                    rounds: int = 3, warmup: int = 2, seed: int = 0, verbose: bool = True) -> dict:
     "Training throughput (images/s) of `train_step` with our MAE and with `ReferenceMAE`, same widths, same data."
