@@ -32,13 +32,13 @@ if a.seed == 0: ap.error('--seed 0 draws the training faces; use another seed fo
 
 val = SynthFaces(a.n, split='train', seed=a.seed)
 views, out = None, {}
-pairs = None
 print(f"{'run':24s} {'row':11s} {'same':>6s} {'diff':>6s} {'followed':>8s} {'pos R2':>7s} {'silh.':>6s}")
 for run in a.runs:
     mae = load_mae(f'{run}/pretrain/mae.pt')
     if views is None:
         views = matching_views(val, mae.profile, n=a.n, seed=0, progress=False)
-        pairs, sl = views['pairs'], same_location_baseline(views=views)['same_location']
+        sl = same_location_baseline(views=views)['same_location']
+        ref, gt = views['lms1'][views['pairs'][:, 0]], views['lms2'][views['pairs'][:, 1]]   # different identity
         print(f"{'(validation split)':24s} {'same-loc.':11s} {sl['same']:6.2f} {sl['different']:6.2f} {0:8.2f}")
         out['same_location'] = dict(same=sl['same'], different=sl['different'], followed=0.0)
     rows = {'raw MAE': DenseFeatures(mae, None, stride=a.stride)}
@@ -48,7 +48,6 @@ for run in a.runs:
         rows[mode] = DenseFeatures(m2, proj, stride=a.stride, which='stage2')
     for name, fn in rows.items():
         r = matching_eval(fn, views=views, matcher='paper', progress=False, return_points=True)
-        ref, gt = views['lms1'][pairs[:, 0]], views['lms2'][pairs[:, 1]]
         with torch.no_grad(): maps = fn(views['img1'][:min(100, a.n)])
         desc, lab = landmark_descriptors(maps, views['lms1'][:len(maps)], mae.profile.img_size)
         row = dict(same=r['paper']['same'], different=r['paper']['different'],
