@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_config.ipynb #cc588f49
 from __future__ import annotations
-import argparse, configparser, importlib, os, random, typing
+import argparse, configparser, importlib, io, os, random, typing
 from dataclasses import dataclass, fields, asdict, replace as dc_replace
 from pathlib import Path
 import numpy as np
@@ -257,12 +257,14 @@ def cache_dir(path=None) -> Path:
 
 # %% ../nbs/00_config.ipynb #29f9320d
 def save_checkpoint(obj: dict, path) -> Path:
-    "Write `obj` to `path` atomically (temp file in the same folder, then rename)."
+    "Write `obj` to `path` atomically (temp file in the same folder, then rename); the same `obj` gives the same bytes."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    buf = io.BytesIO()
+    torch.save(obj, buf)  # serialised in memory: a file target would embed its (temporary) name in the archive
     try:
-        torch.save(obj, tmp)
+        tmp.write_bytes(buf.getvalue())
         os.replace(tmp, path)
     finally:
         if tmp.exists(): tmp.unlink()

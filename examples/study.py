@@ -1,0 +1,230 @@
+"""The stage-1 study: what makes the backbone's features follow the landmarks? Trials on validation data only.
+
+    python examples/study.py stage1 NAME [--profile demo] [--set KEY=VALUE ...] [--eval-at 2,4] [--save-at 4]
+                                         [--enc-pos 1.0] [--rope 0] [--target pix|hog] [--data synth|mtfl --root PATH]
+    python examples/study.py stage2 MAE_PT [--profile demo] [--set ...] [--modes sce,dve] [same variant flags]
+
+`stage1` pretrains a backbone with the profile's recipe (plus `--set` overrides) into `--out/NAME`
+(default runs/study) and, after the epochs of `--eval-at` (default: the last), prints one JSON line of
+raw-feature matching on the validation views: different- and same-identity error (paper matcher, px of
+the 70x70 frame, stride 4), the fraction of the true displacement the matches follow, and the position R2
+of the features; `b0` is the last block after the final norm, `b3` block 3. `--save-at` keeps a `mae_eK.pt`.
+`stage2` refines projectors on such a `mae_eK.pt` (the profile's stage-2 recipe) and prints the same
+numbers for raw and refined features. Everything lands in `NAME/res.json` too.
+
+Validation views, never the test split:
+- synth: SynthFaces' train split drawn with seed 1 (training uses seed 0), its first `--nv` images;
+- mtfl: MTFL's LFW/web training rows from `--holdout` on (default 9000); the backbone must train on fewer
+  rows (`--set n_train=9000`), so the validation faces are never seen in training.
+Both get DVE's two TPS views (seed 0), as in the matching protocol.
+
+Study-only variants (not part of the kit's model; they patch `sce_mae.mae.MAE` inside this process):
+`--enc-pos S` scales the encoder's position embedding (0 = none), `--rope BASE` adds 2-D rotary position
+codes to the encoder's attention, `--target hog` regresses per-patch HOG (MaskFeat) instead of pixels.
+"""
+import argparse, json, math, os, time
+from pathlib import Path
+import torch
+import torch.nn.functional as F
+from sce_mae.config import load_profile, load_checkpoint, save_checkpoint, cache_dir
+from sce_mae import mae as M
+from sce_mae.mae import MAE, load_mae, save_mae
+from sce_mae.pretrain import pretrain, load_frames
+from sce_mae.refine import refine, load_refined
+from sce_mae.dense import DenseFeatures
+from sce_mae.matching import matching_views, match_points, match_errors, displacement_followed, same_location_baseline
+from sce_mae.evaluate import position_r2
+
+
+def variants(a):
+    "Patch MAE for the study-only variants of `a` (encoder position scale, 2-D RoPE, HOG target)."
+    if a.enc_pos != 1.0:
+        def _embed(self, imgs):
+            x = self.patch_embed(self.normalise(imgs)) + a.enc_pos * self.pos_embed[:, 1:]
+            return x, self.cls_token + self.pos_embed[:, :1]
+        MAE._embed = _embed
+    if a.rope: _rope(a.rope)
+    if a.target == 'hog': _hog()
+
+
+def _rope(base: float):
+    "2-D rotary position codes on the encoder's patch queries and keys (y on one half of each head, x on the other)."
+    from timm.models.vision_transformer import Attention
+    state = {}
+    def rot(t, cos, sin):
+        t1, t2 = t.chunk(2, -1)
+        return t * cos + torch.cat([-t2, t1], -1) * sin
+    def set_pos(pos, hd, g):                                   # pos (B, L): grid indices of the tokens
+        q = hd // 4
+        fr = base ** (-torch.arange(q) / q)
+        ang = torch.cat([(pos // g)[..., None] * fr, (pos % g)[..., None] * fr], -1)
+        ang = torch.cat([ang, ang], -1)[:, None]                # (B, 1, L, hd)
+        state['cs'] = (ang.cos(), ang.sin())
+    def att_fwd(self, x, attn_mask=None, is_causal=False):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        cs = state.get('cs') if getattr(self, '_rope', False) else None
+        if cs is not None:
+            cos, sin, h = *cs, self.head_dim // 2
+            def r2(t):
+                p = t[:, :, 1:]
+                p = torch.cat([rot(p[..., :h], cos[..., :h], sin[..., :h]), rot(p[..., h:], cos[..., h:], sin[..., h:])], -1)
+                return torch.cat([t[:, :, :1], p], 2)
+            q, k = r2(q), r2(k)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+    Attention.forward = att_fwd
+    init0, encode0 = MAE.__init__, MAE.encode
+    def init(self, *aa, **kk):
+        init0(self, *aa, **kk)
+        for b in self.blocks: b.attn._rope = True
+    def forward_encoder(self, imgs, mask_ratio, generator=None, noise=None):
+        x, cls = self._embed(imgs)
+        x, mask, ids_restore = M.random_masking(x, mask_ratio, generator, noise)
+        set_pos(torch.argsort(ids_restore, 1)[:, :x.shape[1]], self.blocks[0].attn.head_dim, self.profile.grid)
+        x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)
+        try:
+            for blk in self.blocks: x = blk(x)
+        finally: state['cs'] = None
+        return self.norm(x), mask, ids_restore
+    def encode(self, imgs, *aa, **kk):
+        set_pos(torch.arange(self.profile.n_tokens)[None].expand(len(imgs), -1), self.blocks[0].attn.head_dim, self.profile.grid)
+        try: return encode0(self, imgs, *aa, **kk)
+        finally: state['cs'] = None
+    MAE.__init__, MAE.forward_encoder, MAE.encode = init, forward_encoder, encode
+
+
+def _hog(bins: int = 9, cell: int = 4):
+    "MaskFeat's target: per-patch histograms of oriented gradients (per colour channel, 4x4-pixel cells), L2-normalised."
+    def target(self, imgs):
+        B, C, S, _ = imgs.shape
+        x = F.pad(imgs, (1, 1, 1, 1), mode='replicate')
+        gx, gy = x[..., 1:-1, 2:] - x[..., 1:-1, :-2], x[..., 2:, 1:-1] - x[..., :-2, 1:-1]
+        mag, ang = (gx ** 2 + gy ** 2).sqrt(), torch.atan2(gy, gx) % math.pi
+        b = (ang / math.pi * bins).long().clamp_(0, bins - 1)
+        h = torch.zeros(B, C, bins, S, S).scatter_(2, b[:, :, None], mag[:, :, None])
+        h = F.avg_pool2d(h.flatten(1, 2), cell) * cell * cell
+        g, r = S // self.patch, self.patch // cell
+        h = h.view(B, C * bins, g, r, g, r).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, -1)
+        return h / (h.norm(dim=-1, keepdim=True) + 1e-6) * h.shape[-1] ** 0.5
+    init0 = MAE.__init__
+    def init(self, *aa, **kk):
+        init0(self, *aa, **kk)
+        self.decoder_pred = torch.nn.Linear(self.profile.dec_embed_dim, 3 * bins * (self.profile.patch_size // cell) ** 2)
+    MAE.target, MAE.__init__ = target, init
+
+
+class _From:
+    "Rows start.. of a dataset (the held-out validation faces)."
+    def __init__(self, ds, start): self.ds, self.start = ds, start
+    def __len__(self): return len(self.ds) - self.start
+    def __getitem__(self, i): return self.ds[self.start + i]
+
+
+def validation_views(a, p) -> dict:
+    "DVE's TPS views of the validation faces (cached in the kit's cache folder)."
+    path = cache_dir() / f'study-views-{a.data}-{a.holdout}-{a.nv}.pt'
+    if path.is_file(): return load_checkpoint(path)
+    if a.data == 'synth':
+        from sce_mae.synth import SynthFaces
+        ds = SynthFaces(a.nv, split='train', seed=1, size=p.img_size)
+    else:
+        from sce_mae.datasets import get_dataset
+        ds = _From(get_dataset(a.data, 'train', a.root, size=p.img_size, full=True), a.holdout)
+    return matching_views(ds, p, n=a.nv, seed=0, path=path)
+
+
+def match_row(fn, views, prefix='') -> dict:
+    "Different / same-identity errors and the followed fraction of `fn`'s features on the views."
+    pr, ot, S = views['pairs'][:, 0], views['pairs'][:, 1], views['size']
+    with torch.no_grad(): f1, f2 = fn(views['img1']), fn(views['img2'])
+    pd = match_points(f1[pr], f2[ot], views['lms1'][pr], 'paper', S)
+    ps = match_points(f1[pr], f2[pr], views['lms1'][pr], 'paper', S)
+    return {f'{prefix}different': round(float(match_errors(pd, views['lms2'][ot], S).mean()), 3),
+            f'{prefix}same': round(float(match_errors(ps, views['lms2'][pr], S).mean()), 3),
+            f'{prefix}followed': round(displacement_followed(pd, views['lms1'][pr], views['lms2'][ot]), 3)}
+
+
+class BlockFeatures(DenseFeatures):
+    "Raw stage-1 features of one block (0 = the last block after the final norm), L2-normalised, by cover-and-stride."
+    def __init__(self, mae, block: int = 0, stride: int = 4):
+        super().__init__(mae, None, stride=stride); self.block = block
+    def token_maps(self, imgs):
+        e = self.mae.encode(imgs, blocks=(self.block,) if self.block else ())
+        return F.normalize((e.blocks[self.block] if self.block else e.tokens).float(), dim=-1)
+
+
+def stage1(a, p, views, out):
+    res = dict(kind='stage1', name=a.name, profile=p.name, set=a.kw, variants=dict(enc_pos=a.enc_pos, rope=a.rope, target=a.target),
+               data=a.data, threads=a.threads, same_location=_same_loc(views), date=time.strftime('%Y-%m-%d'), evals=[])
+    frames = load_frames(p, root=a.root, progress=False)
+    spe, t0, evals = len(frames) // p.pre_batch, time.time(), [int(x) for x in a.eval_at.split(',') if x] or [p.pre_epochs]
+    def callback(epoch, model):
+        if str(epoch) in a.save_at.split(','): save_mae(model, out / f'mae_e{epoch}.pt', epoch=epoch)
+        if epoch not in evals: return
+        te = time.time(); model.eval()
+        row = dict(epoch=epoch, presentations=epoch * spe * p.pre_batch,
+                   train_s=round(te - t0 - sum(e['eval_s'] for e in res['evals']), 1))
+        for b in (0, 3):
+            r = match_row(BlockFeatures(model, b), views, f'b{b}_')
+            row.update(r)
+            if b == 0:
+                with torch.no_grad(): row['pos_r2'] = round(position_r2(BlockFeatures(model, 0)(views['img1'][:100])), 3)
+        row['eval_s'] = round(time.time() - te, 1); model.train()
+        res['evals'].append(row); print(json.dumps(row), flush=True)
+        (out / 'res.json').write_text(json.dumps(res, indent=1))
+    pretrain(p, out / 'pretrain', frames=frames, callback=callback, progress=False, resume=True)
+    res['total_s'] = round(time.time() - t0, 1); (out / 'res.json').write_text(json.dumps(res, indent=1))
+
+
+def stage2(a, p, views, out):
+    mae = load_mae(a.name)
+    res = dict(kind='stage2', mae=a.name, set=a.kw, variants=dict(enc_pos=a.enc_pos, rope=a.rope, target=a.target), data=a.data,
+               same_location=_same_loc(views), date=time.strftime('%Y-%m-%d'), raw=match_row(DenseFeatures(mae, None, stride=4), views))
+    print('raw', json.dumps(res['raw']), flush=True)
+    frames = load_frames(p, root=a.root, progress=False)
+    for mode in a.modes.split(','):
+        t = time.time()
+        m2, proj = load_refined(refine(p, a.name, out / f'refine_{mode}', mode=mode, frames=frames, progress=False, resume=True))
+        res[mode] = dict(match_row(DenseFeatures(m2, proj, stride=4, which='stage2'), views), train_s=round(time.time() - t, 1))
+        print(mode, json.dumps(res[mode]), flush=True)
+    (out / 'res.json').write_text(json.dumps(res, indent=1))
+
+
+def _same_loc(views) -> float:
+    return round(same_location_baseline(views=views)['same_location']['different'], 3)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description='Stage-1 study trials on validation data (see the module docstring).')
+    ap.add_argument('what', choices=('stage1', 'stage2'))
+    ap.add_argument('name', help='stage1: the trial name (its folder under --out); stage2: a mae_eK.pt')
+    ap.add_argument('--profile', default='demo'); ap.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE')
+    ap.add_argument('--out', default='runs/study'); ap.add_argument('--threads', type=int, default=1)
+    ap.add_argument('--data', default='synth', help='synth or a real dataset (mtfl)'); ap.add_argument('--root', default=None)
+    ap.add_argument('--holdout', type=int, default=9000, help='real data: first held-out training row')
+    ap.add_argument('--nv', type=int, default=300, help='validation images (pairs of 2)')
+    ap.add_argument('--eval-at', default='', help='epochs to evaluate after (default: the last)')
+    ap.add_argument('--save-at', default='', help='epochs to keep a mae_eK.pt of')
+    ap.add_argument('--modes', default='sce', help='stage2: refine modes')
+    ap.add_argument('--enc-pos', type=float, default=1.0); ap.add_argument('--rope', type=float, default=0.0)
+    ap.add_argument('--target', default='pix', choices=('pix', 'hog'))
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    p = load_profile(a.profile)
+    a.kw = {}
+    for s in a.set:
+        k, _, v = s.partition('=')
+        if not hasattr(p, k): ap.error(f'--set {s}: {a.profile} has no key {k!r}')
+        a.kw[k] = v
+    p = p.replace(**a.kw, dataset=a.data)
+    if a.data != 'synth' and not 0 < (p.n_train or 10 ** 9) <= a.holdout:
+        ap.error(f'--data {a.data}: train on rows before the held-out ones: --set n_train=N with N <= --holdout {a.holdout}')
+    variants(a)
+    views = validation_views(a, p)
+    out = Path(a.out) / (a.name if a.what == 'stage1' else f'{Path(a.name).parent.name}-{Path(a.name).stem}-stage2')
+    out.mkdir(parents=True, exist_ok=True)
+    (stage1 if a.what == 'stage1' else stage2)(a, p, views, out)
+
+
+if __name__ == '__main__':
+    main()
