@@ -3,6 +3,7 @@
     python examples/study.py stage1 NAME [--profile demo] [--set KEY=VALUE ...] [--eval-at 2,4] [--save-at 4]
                                          [--enc-pos 1.0] [--rope 0] [--target pix|hog] [--data synth|mtfl --root PATH]
     python examples/study.py stage2 MAE_PT [--profile demo] [--set ...] [--modes sce,dve] [same variant flags]
+    python examples/study.py report runs/study [--figure docs/figures/study_scaling.png]
 
 `stage1` pretrains a backbone with the profile's recipe (plus `--set` overrides) into `--out/NAME`
 (default runs/study) and, after the epochs of `--eval-at` (default: the last), prints one JSON line of
@@ -10,7 +11,8 @@ raw-feature matching on the validation views: different- and same-identity error
 the 70x70 frame, stride 4), the fraction of the true displacement the matches follow, and the position R2
 of the features; `b0` is the last block after the final norm, `b3` block 3. `--save-at` keeps a `mae_eK.pt`.
 `stage2` refines projectors on such a `mae_eK.pt` (the profile's stage-2 recipe) and prints the same
-numbers for raw and refined features. Everything lands in `NAME/res.json` too.
+numbers for raw and refined features. Everything lands in `NAME/res.json` too. `report` gathers the
+`res.json` files of a study folder into one JSON (stdout) and draws the scaling figure.
 
 Validation views, never the test split:
 - synth: SynthFaces' train split drawn with seed 1 (training uses seed 0), its first `--nv` images;
@@ -194,10 +196,46 @@ def _same_loc(views) -> float:
     return round(same_location_baseline(views=views)['same_location']['different'], 3)
 
 
+def collect(folder) -> list[dict]:
+    "Every res.json under a study folder, stage-1 trials first, by name."
+    rs = [json.loads(f.read_text()) | {'folder': f.parent.name} for f in sorted(Path(folder).glob('*/res.json'))]
+    return sorted(rs, key=lambda r: (r['kind'] != 'stage1', r['folder']))
+
+
+def plot_scaling(results: list[dict], curves: dict, title: str = 'stage-1 image presentations against matching'):
+    """Different-identity matching error against stage-1 image presentations (log axis), one panel per dataset:
+    raw MAE (last block) of the stage-1 runs named in `curves` {data: [folder, ...]}, SCE-MAE on their saved
+    backbones, and the same-location answer."""
+    import matplotlib.pyplot as plt
+    fig, axs = plt.subplots(1, len(curves), figsize=(4.6 * len(curves), 3.4), squeeze=False)
+    by = {r['folder']: r for r in results}
+    for ax, (data, names) in zip(axs[0], curves.items()):
+        sl = None
+        for name in names:
+            r = by[name]; sl = r['same_location']
+            ev = r['evals']
+            ax.plot([e['presentations'] for e in ev], [e['b0_different'] for e in ev], 'o-', ms=3, label=f'raw MAE: {name}')
+            s2 = [(int(x['mae'].split('_e')[-1].split('.')[0]), x) for x in results
+                  if x['kind'] == 'stage2' and x.get('folder', '').startswith(name + '-') and 'sce' in x]
+            if s2:
+                spe = ev[0]['presentations'] // ev[0]['epoch']
+                s2.sort(key=lambda t: t[0])
+                ax.plot([spe * e for e, _ in s2], [x['sce']['different'] for _, x in s2], 's--', ms=4, label=f'SCE-MAE: {name}')
+        if sl is not None:
+            ax.axhline(sl, color='k', ls=':', lw=1, label=f'same-location ({sl:.2f})')
+            ax.axhline(0.7 * sl, color='gray', ls='--', lw=0.8, label='30 % below same-location')
+        ax.set_xscale('log'); ax.set_xlabel('stage-1 image presentations'); ax.set_ylabel('different identity, px (70x70)')
+        ax.set_title(f'{data} (validation)', fontsize=10); ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10); fig.tight_layout()
+    return fig
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description='Stage-1 study trials on validation data (see the module docstring).')
-    ap.add_argument('what', choices=('stage1', 'stage2'))
-    ap.add_argument('name', help='stage1: the trial name (its folder under --out); stage2: a mae_eK.pt')
+    ap.add_argument('what', choices=('stage1', 'stage2', 'report'))
+    ap.add_argument('name', help='stage1: the trial name (its folder under --out); stage2: a mae_eK.pt; report: the study folder')
+    ap.add_argument('--figure', default=None, help='report: write the scaling figure here')
+    ap.add_argument('--curves', default='synth=L_synth,mtfl=L_mtfl', help='report: DATA=RUN[+RUN] panels of the figure')
     ap.add_argument('--profile', default='demo'); ap.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE')
     ap.add_argument('--out', default='runs/study'); ap.add_argument('--threads', type=int, default=1)
     ap.add_argument('--data', default='synth', help='synth or a real dataset (mtfl)'); ap.add_argument('--root', default=None)
@@ -209,6 +247,13 @@ def main(argv=None):
     ap.add_argument('--enc-pos', type=float, default=1.0); ap.add_argument('--rope', type=float, default=0.0)
     ap.add_argument('--target', default='pix', choices=('pix', 'hog'))
     a = ap.parse_args(argv)
+    if a.what == 'report':
+        res = collect(a.name)
+        print(json.dumps(res, indent=1))
+        if a.figure:
+            curves = {k: v.split('+') for k, v in (c.split('=') for c in a.curves.split(','))}
+            plot_scaling(res, curves).savefig(a.figure, dpi=110)
+        return
     torch.set_num_threads(a.threads)
     p = load_profile(a.profile)
     a.kw = {}

@@ -27,10 +27,11 @@ from .detection import (extract_features, evaluate_regressor, draw_subset, inter
 
 # %% auto #0
 __all__ = ['PAPER_SOURCE', 'PAPER_MATCHING', 'PAPER_DETECTION_SETS', 'PAPER_DETECTION', 'PAPER_ABLATION', 'PAPER_LIMITED',
-           'PAPER_COLUMN', 'ROWS', 'FEATURE_ROWS', 'PROJECTOR_ROWS', 'MEAN_SHAPE', 'find_run', 'run_profile', 'head',
-           'TokenMemo', 'row_fn', 'limited_seed', 'limited_draws', 'limited_epochs', 'landmark_descriptors',
-           'silhouette', 'tsne_embed', 'position_r2', 'results_markdown', 'plot_tsne', 'plot_limited', 'threads_limit',
-           'evaluate_run', 'main', 'encoder_gflop', 'bench_matching']
+           'PAPER_COLUMN', 'ROWS', 'FEATURE_ROWS', 'PROJECTOR_ROWS', 'MEAN_SHAPE', 'IN_DOMAIN', 'find_run',
+           'run_profile', 'head', 'TokenMemo', 'row_fn', 'limited_seed', 'limited_draws', 'limited_epochs',
+           'landmark_descriptors', 'silhouette', 'tsne_embed', 'position_r2', 'results_markdown', 'plot_tsne',
+           'plot_limited', 'threads_limit', 'in_domain_split', 'evaluate_run', 'main', 'encoder_gflop',
+           'bench_matching']
 
 # %% ../nbs/14_evaluate.ipynb #b1b17172
 PAPER_SOURCE = ("Yin et al., SCE-MAE: Selective Correspondence Enhancement with Masked Autoencoder for "
@@ -213,6 +214,16 @@ def _table(header: list, rows: list) -> str:
 def _missing(res, key) -> str:
     return f"— (not in this run: {res['rows'][key]['note']})"
 
+def _detection_table(res: dict, d: dict) -> str:
+    "The detection table of one protocol `d` (mean shape first, then every feature row)."
+    body = []
+    for k in (MEAN_SHAPE['key'],) + FEATURE_ROWS:
+        r = d['rows'].get(k)
+        label = MEAN_SHAPE['label'] if k == MEAN_SHAPE['key'] else res['rows'][k]['label']
+        if r is None: body.append([label, _missing(res, k), '', '', '']); continue
+        body.append([label, r['features'], r['dim'] or '—', _f(r['error']), _f(r['train_error'])])
+    return _table(['row', 'features', 'dim', 'test error %', 'train error %'], body)
+
 def results_markdown(res: dict) -> str:
     "The Markdown report of an `evaluate_run` result: our tables (every row), then the paper's, labelled."
     rows, out = res['rows'], []
@@ -241,13 +252,11 @@ def results_markdown(res: dict) -> str:
     d = res['detection']
     out.append(f"\n## Ours: landmark detection (inter-ocular error %, {d['n_train']} training and {d['n_test']} test images of "
                f"{res['dataset']}; eyes {d['eyes']})\n")
-    body = []
-    for k in (MEAN_SHAPE['key'],) + FEATURE_ROWS:
-        r = d['rows'].get(k)
-        label = MEAN_SHAPE['label'] if k == MEAN_SHAPE['key'] else rows[k]['label']
-        if r is None: body.append([label, _missing(res, k), '', '', '']); continue
-        body.append([label, r['features'], r['dim'] or '—', _f(r['error']), _f(r['train_error'])])
-    out.append(_table(['row', 'features', 'dim', 'test error %', 'train error %'], body))
+    out.append(_detection_table(res, d))
+    dd = res.get('detection_in_domain')
+    if dd is not None:
+        out.append(f"\n## Ours: landmark detection inside the test domain (inter-ocular error %; {dd['protocol']})\n")
+        out.append(f"Skipped: {dd['skipped']}.\n" if 'skipped' in dd else _detection_table(res, dd))
     lim = res['limited']
     out.append(f"\n## Ours: limited annotations (inter-ocular error %, mean ± std over {lim['repeats']} draws)\n")
     body = [[rows[k]['label']] + [f"{_f(r[str(n)]['mean'])} ± {_f(r[str(n)]['std'])}" for n in lim['sizes']]
@@ -444,10 +453,7 @@ def _detection_step(raw, proj, avail, train, test, p, seed, cdir, tag, dev, thre
                                   dtype=torch.float16, device=dev, progress=progress, desc='test tokens')
     T['detection_features'] = time.time() - t0
     T['detection'] = T['limited'] = T['feature_quality'] = 0.
-    mean_shape = lambda d: tr_tok['lms'].mean(0, keepdim=True).expand_as(d['lms'])
-    me, mt = (interocular_errors(mean_shape(d), d['lms'], d['eyes']) for d in (te_tok, tr_tok))
-    det = {MEAN_SHAPE['key']: dict(error=float(me.mean()), per_landmark=[float(e) for e in me.mean(0)],
-                                   train_error=float(mt.mean()), features='none', dim=None)}
+    det = {MEAN_SHAPE['key']: _mean_shape_row(tr_tok, te_tok)}
     lim = dict(sizes=list(p.limited_sizes), repeats=p.limited_repeats,
                epochs={str(n): limited_epochs(n, p) for n in p.limited_sizes}, rows={})
     nq = min(p.tsne_images, len(te_tok['lms']))
@@ -478,6 +484,49 @@ def _detection_step(raw, proj, avail, train, test, p, seed, cdir, tag, dev, thre
     det = dict(n_train=len(tr_tok['lms']), n_test=len(te_tok['lms']), train_draw_seed=seed, det_train=p.det_train,
                eyes=te_tok['eyes'][0].tolist(), conv_block=p.det_conv_block, epochs=p.det_epochs, rows=det)
     return det, lim, qual, preds, te_tok
+
+# %% ../nbs/14_evaluate.ipynb #533f1c43
+IN_DOMAIN = {'mtfl': dict(n_train=2000, seed=0, note=(
+    "kit protocol: MTFL's training faces are LFW/web photos and its test faces AFLW crops; here the regressor "
+    "and the mean shape are trained on 2,000 of the 2,995 AFLW test crops (drawn with seed 0) and tested on the "
+    "other 995"))}
+
+def in_domain_split(n: int, n_train: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    "(train, test) indices of the in-domain protocol: a seeded draw of `n_train` of n images, and the others."
+    if not 0 < n_train < n:
+        raise ValueError(f"in-domain detection: n_train = {n_train} must lie strictly between 0 and the {n} test images")
+    tr = draw_subset(n, n_train, seed)
+    rest = torch.ones(n, dtype=torch.bool); rest[tr] = False
+    return tr, rest.nonzero()[:, 0]
+
+
+# %% ../nbs/14_evaluate.ipynb #679982fd
+def _mean_shape_row(tr: dict, te: dict) -> dict:
+    "The mean-shape baseline: the mean training landmarks as the prediction for every test face."
+    ms = tr['lms'].mean(0, keepdim=True)
+    me, mt = (interocular_errors(ms.expand_as(d['lms']), d['lms'], d['eyes']) for d in (te, tr))
+    return dict(error=float(me.mean()), per_landmark=[float(e) for e in me.mean(0)], train_error=float(mt.mean()),
+                features='none', dim=None)
+
+def _in_domain_step(te_tok, proj, avail, p, spec, seed, dev, threads, progress) -> dict:
+    "Detection inside the test domain: every row's regressor (and the mean shape) trained on one part of the test crops, tested on the rest."
+    tr_i, te_i = in_domain_split(len(te_tok['lms']), spec['n_train'], spec['seed'])
+    part = lambda idx: {k: te_tok[k][idx] for k in ('feats', 'lms', 'eyes', 'index')}
+    trt, tet = part(tr_i), part(te_i)
+    rows = {MEAN_SHAPE['key']: _mean_shape_row(trt, tet)}
+    for k in tqdm(FEATURE_ROWS, desc='in-domain detection rows', disable=not progress):
+        rows[k] = None
+        if k not in avail: continue
+        with threads_limit(threads):
+            tr = dict(trt, feats=head(trt['feats'], proj.get(k), _which(k, 'detection'), dtype=torch.float16))
+            te = dict(tet, feats=head(tet['feats'], proj.get(k), _which(k, 'detection'), dtype=torch.float16))
+            r = evaluate_regressor(tr, te, p, n_train=0, seed=seed, progress=False, device=dev)
+        r.pop('seconds', None)
+        rows[k] = dict(r, features={'stage1': 'stage 1', 'both': 'stage 1 + stage 2'}[_which(k, 'detection')],
+                       dim=int(tr['feats'].shape[1]))
+    return dict(protocol=spec['note'], n_train=len(tr_i), n_test=len(te_i), draw_seed=spec['seed'],
+                eyes=te_tok['eyes'][0].tolist(), epochs=p.det_epochs, rows=rows)
+
 
 # %% ../nbs/14_evaluate.ipynb #1f76956a
 def evaluate_run(run_dir, profile: Profile | str | None = None, dataset: str | None = None, root=None, out=None,
@@ -516,6 +565,13 @@ def evaluate_run(run_dir, profile: Profile | str | None = None, dataset: str | N
     res['detection'], res['limited'], res['feature_quality'], preds, te_tok = _detection_step(
         raw, proj, avail, train, test, p, seed, cdir, f"{name}-s{p.eval_stride}-{sha}", dev, threads, progress,
         limited_rows, T)
+    spec = IN_DOMAIN.get(name)
+    if spec is not None:
+        t0, n = time.time(), len(te_tok['lms'])
+        res['detection_in_domain'] = (_in_domain_step(te_tok, proj, avail, p, spec, seed, dev, threads, progress)
+                                      if spec['n_train'] < n else
+                                      dict(protocol=spec['note'], skipped=f"only {n} test images (it needs more than {spec['n_train']})"))
+        T['detection_in_domain'] = time.time() - t0
     res['paper'] = dict(source=PAPER_SOURCE, matching=PAPER_MATCHING, detection=PAPER_DETECTION,
                         ablation=PAPER_ABLATION, limited=PAPER_LIMITED, detection_column=PAPER_COLUMN.get(name))
     t0 = time.time()
