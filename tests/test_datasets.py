@@ -51,7 +51,7 @@ def test_frame_geometry_and_mapping():
     box, out = input_box((0, 30, 178, 208), 96)
     assert out == 96
     np.testing.assert_allclose(box, (20 * 178 / 136, 30 + 20 * 178 / 136, 178 - 20 * 178 / 136, 208 - 20 * 178 / 136))
-    # resizing by s maps x -> (x + .5) s - .5, cropping by b maps x -> x - b (the team's convention)
+    # resizing by s maps x -> (x + .5) s - .5, cropping by b maps x -> x - b (the kit's convention)
     np.testing.assert_allclose(map_points([[10, 20]], (0, 0, 100, 100), 50), [[4.75, 9.75]])
     np.testing.assert_allclose(map_points([[10, 20]], (3, 5, 103, 105), 100), [[7, 15]])
 
