@@ -443,6 +443,23 @@ def _limited_row(tr, te, p, seed, dev=None) -> dict:
         out[str(n)] = dict(mean=mu, std=sd, errors=errs, n_train=used, draws=draws)
     return out
 
+def _mean_shape_row(tr: dict, te: dict) -> dict:
+    "The mean-shape baseline: the mean training landmarks as the prediction for every test face."
+    ms = tr['lms'].mean(0, keepdim=True)
+    me, mt = (interocular_errors(ms.expand_as(d['lms']), d['lms'], d['eyes']) for d in (te, tr))
+    return dict(error=float(me.mean()), per_landmark=[float(e) for e in me.mean(0)], train_error=float(mt.mean()),
+                features='none', dim=None)
+
+def _detection_row(tr_tok, te_tok, proj, k, p, seed, dev, threads) -> tuple[dict, torch.Tensor, dict, dict]:
+    "Row `k`'s regressor on token maps `tr_tok` / `te_tok`: (its result, its test predictions, its training and test features)."
+    with threads_limit(threads):
+        tr = dict(tr_tok, feats=head(tr_tok['feats'], proj.get(k), _which(k, 'detection'), dtype=torch.float16))
+        te = dict(te_tok, feats=head(te_tok['feats'], proj.get(k), _which(k, 'detection'), dtype=torch.float16))
+        r = evaluate_regressor(tr, te, p, n_train=0, seed=seed, return_model=True, progress=False, device=dev)
+    r.pop('model'); r.pop('seconds', None); pred = r.pop('pred')
+    r.update(features={'stage1': 'stage 1', 'both': 'stage 1 + stage 2'}[_which(k, 'detection')], dim=int(tr['feats'].shape[1]))
+    return r, pred, tr, te
+
 def _detection_step(raw, proj, avail, train, test, p, seed, cdir, tag, dev, threads, progress, limited_rows, T):
     "Detection, limited annotations and feature quality from token maps computed once (and cached on disk)."
     t0 = time.time()
@@ -464,13 +481,7 @@ def _detection_step(raw, proj, avail, train, test, p, seed, cdir, tag, dev, thre
         if k in limited_rows: lim['rows'][k] = None
         if k not in avail: continue
         t0 = time.time()
-        with threads_limit(threads):
-            tr = dict(tr_tok, feats=head(tr_tok['feats'], proj.get(k), _which(k, 'detection'), dtype=torch.float16))
-            te = dict(te_tok, feats=head(te_tok['feats'], proj.get(k), _which(k, 'detection'), dtype=torch.float16))
-            r = evaluate_regressor(tr, te, p, n_train=0, seed=seed, return_model=True, progress=False, device=dev)
-        r.pop('model'); r.pop('seconds', None); preds[k] = r.pop('pred')
-        det[k] = dict(r, features={'stage1': 'stage 1', 'both': 'stage 1 + stage 2'}[_which(k, 'detection')],
-                      dim=int(tr['feats'].shape[1]))
+        det[k], preds[k], tr, te = _detection_row(tr_tok, te_tok, proj, k, p, seed, dev, threads)
         T['detection'] += time.time() - t0; t0 = time.time()
         with threads_limit(1):
             if k in limited_rows: lim['rows'][k] = _limited_row(tr, te, p, seed, dev)
@@ -501,13 +512,6 @@ def in_domain_split(n: int, n_train: int, seed: int = 0) -> tuple[torch.Tensor, 
 
 
 # %% ../nbs/14_evaluate.ipynb #679982fd
-def _mean_shape_row(tr: dict, te: dict) -> dict:
-    "The mean-shape baseline: the mean training landmarks as the prediction for every test face."
-    ms = tr['lms'].mean(0, keepdim=True)
-    me, mt = (interocular_errors(ms.expand_as(d['lms']), d['lms'], d['eyes']) for d in (te, tr))
-    return dict(error=float(me.mean()), per_landmark=[float(e) for e in me.mean(0)], train_error=float(mt.mean()),
-                features='none', dim=None)
-
 def _in_domain_step(te_tok, proj, avail, p, spec, seed, dev, threads, progress) -> dict:
     "Detection inside the test domain: every row's regressor (and the mean shape) trained on one part of the test crops, tested on the rest."
     tr_i, te_i = in_domain_split(len(te_tok['lms']), spec['n_train'], spec['seed'])
@@ -517,13 +521,7 @@ def _in_domain_step(te_tok, proj, avail, p, spec, seed, dev, threads, progress) 
     for k in tqdm(FEATURE_ROWS, desc='in-domain detection rows', disable=not progress):
         rows[k] = None
         if k not in avail: continue
-        with threads_limit(threads):
-            tr = dict(trt, feats=head(trt['feats'], proj.get(k), _which(k, 'detection'), dtype=torch.float16))
-            te = dict(tet, feats=head(tet['feats'], proj.get(k), _which(k, 'detection'), dtype=torch.float16))
-            r = evaluate_regressor(tr, te, p, n_train=0, seed=seed, progress=False, device=dev)
-        r.pop('seconds', None)
-        rows[k] = dict(r, features={'stage1': 'stage 1', 'both': 'stage 1 + stage 2'}[_which(k, 'detection')],
-                       dim=int(tr['feats'].shape[1]))
+        rows[k] = _detection_row(trt, tet, proj, k, p, seed, dev, threads)[0]
     return dict(protocol=spec['note'], n_train=len(tr_i), n_test=len(te_i), draw_seed=spec['seed'],
                 eyes=te_tok['eyes'][0].tolist(), epochs=p.det_epochs, rows=rows)
 
