@@ -24,11 +24,12 @@ Study-only variants (not part of the kit's model; they patch `sce_mae.mae.MAE` i
 `--enc-pos S` scales the encoder's position embedding (0 = none), `--rope BASE` adds 2-D rotary position
 codes to the encoder's attention, `--target hog` regresses per-patch HOG (MaskFeat) instead of pixels.
 """
-import argparse, json, math, os, time
+import argparse, json, math, time
 from pathlib import Path
 import torch
 import torch.nn.functional as F
-from sce_mae.config import load_profile, load_checkpoint, save_checkpoint, cache_dir
+from torch.utils.data import Subset
+from sce_mae.config import load_profile, load_checkpoint, cache_dir
 from sce_mae import mae as M
 from sce_mae.mae import MAE, load_mae, save_mae
 from sce_mae.pretrain import pretrain, load_frames
@@ -115,13 +116,6 @@ def _hog(bins: int = 9, cell: int = 4):
     MAE.target, MAE.__init__ = target, init
 
 
-class _From:
-    "Rows start.. of a dataset (the held-out validation faces)."
-    def __init__(self, ds, start): self.ds, self.start = ds, start
-    def __len__(self): return len(self.ds) - self.start
-    def __getitem__(self, i): return self.ds[self.start + i]
-
-
 def validation_views(a, p) -> dict:
     "DVE's TPS views of the validation faces (cached in the kit's cache folder)."
     path = cache_dir() / f'study-views-{a.data}-{a.holdout}-{a.nv}.pt'
@@ -131,28 +125,30 @@ def validation_views(a, p) -> dict:
         ds = SynthFaces(a.nv, split='train', seed=1, size=p.img_size)
     else:
         from sce_mae.datasets import get_dataset
-        ds = _From(get_dataset(a.data, 'train', a.root, size=p.img_size, full=True), a.holdout)
+        train = get_dataset(a.data, 'train', a.root, size=p.img_size, full=True)
+        ds = Subset(train, range(a.holdout, len(train)))          # the held-out rows
     return matching_views(ds, p, n=a.nv, seed=0, path=path)
 
 
-def match_row(fn, views, prefix='') -> dict:
-    "Different / same-identity errors and the followed fraction of `fn`'s features on the views."
+def match_row(fn, views, prefix='', r2: bool = False) -> dict:
+    "Different / same-identity errors and the followed fraction of `fn`'s features on the views (`r2`: and the position R2 of the first 100 maps)."
     pr, ot, S = views['pairs'][:, 0], views['pairs'][:, 1], views['size']
     with torch.no_grad(): f1, f2 = fn(views['img1']), fn(views['img2'])
     pd = match_points(f1[pr], f2[ot], views['lms1'][pr], 'paper', S)
     ps = match_points(f1[pr], f2[pr], views['lms1'][pr], 'paper', S)
-    return {f'{prefix}different': round(float(match_errors(pd, views['lms2'][ot], S).mean()), 3),
-            f'{prefix}same': round(float(match_errors(ps, views['lms2'][pr], S).mean()), 3),
-            f'{prefix}followed': round(displacement_followed(pd, views['lms1'][pr], views['lms2'][ot]), 3)}
+    row = {f'{prefix}different': round(float(match_errors(pd, views['lms2'][ot], S).mean()), 3),
+           f'{prefix}same': round(float(match_errors(ps, views['lms2'][pr], S).mean()), 3),
+           f'{prefix}followed': round(displacement_followed(pd, views['lms1'][pr], views['lms2'][ot]), 3)}
+    if r2: row['pos_r2'] = round(position_r2(f1[:100]), 3)
+    return row
 
 
 class BlockFeatures(DenseFeatures):
-    "Raw stage-1 features of one block (0 = the last block after the final norm), L2-normalised, by cover-and-stride."
-    def __init__(self, mae, block: int = 0, stride: int = 4):
+    "Raw stage-1 features of block `block` (before the final norm), L2-normalised, by cover-and-stride."
+    def __init__(self, mae, block: int, stride: int = 4):
         super().__init__(mae, None, stride=stride); self.block = block
     def token_maps(self, imgs):
-        e = self.mae.encode(imgs, blocks=(self.block,) if self.block else ())
-        return F.normalize((e.blocks[self.block] if self.block else e.tokens).float(), dim=-1)
+        return F.normalize(self.mae.encode(imgs, blocks=(self.block,)).blocks[self.block].float(), dim=-1)
 
 
 def stage1(a, p, views, out):
@@ -166,11 +162,8 @@ def stage1(a, p, views, out):
         te = time.time(); model.eval()
         row = dict(epoch=epoch, presentations=epoch * spe * p.pre_batch,
                    train_s=round(te - t0 - sum(e['eval_s'] for e in res['evals']), 1))
-        for b in (0, 3):
-            r = match_row(BlockFeatures(model, b), views, f'b{b}_')
-            row.update(r)
-            if b == 0:
-                with torch.no_grad(): row['pos_r2'] = round(position_r2(BlockFeatures(model, 0)(views['img1'][:100])), 3)
+        row.update(match_row(DenseFeatures(model, None, stride=4), views, 'b0_', r2=True))   # the last block: the paper's raw features
+        row.update(match_row(BlockFeatures(model, 3), views, 'b3_'))
         row['eval_s'] = round(time.time() - te, 1); model.train()
         res['evals'].append(row); print(json.dumps(row), flush=True)
         (out / 'res.json').write_text(json.dumps(res, indent=1))

@@ -1,15 +1,13 @@
 """examples/study.py: a stage-1 trial with a variant, stage 2 on its saved backbone, and the guard that keeps the
 validation faces out of training."""
-import json, subprocess, sys
+import json, os, subprocess, sys
 from pathlib import Path
-import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 EX = str(REPO / 'examples' / 'study.py')
 
 
 def _run(*args, env_cache, timeout=600):
-    import os
     env = dict(os.environ, SCE_MAE_CACHE=str(env_cache), OMP_NUM_THREADS='1')
     return subprocess.run([sys.executable, EX, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
