@@ -4,15 +4,17 @@
 
 # %% ../nbs/00_config.ipynb #cc588f49
 from __future__ import annotations
-import argparse, configparser, importlib, io, os, random, typing
+import argparse, configparser, functools, importlib, io, os, random, sys, typing
 from dataclasses import dataclass, fields, asdict, replace as dc_replace
 from pathlib import Path
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['DEFAULT_PROFILE', 'Profile', 'ProfileError', 'settings_path', 'profile_names', 'load_profile', 'get_device',
-           'seed_everything', 'add_run_args', 'data_root', 'cache_dir', 'save_checkpoint', 'load_checkpoint']
+__all__ = ['DEFAULT_PROFILE', 'USER_ERRORS', 'Profile', 'ProfileError', 'check_profile', 'settings_path', 'profile_names',
+           'load_profile', 'DeviceError', 'check_device', 'get_device', 'seed_everything', 'add_run_args',
+           'parse_run_args', 'cli', 'data_root', 'cache_dir', 'save_checkpoint', 'CheckpointError', 'load_checkpoint',
+           'clean_leftovers', 'writable_dir']
 
 # %% ../nbs/00_config.ipynb #09ddaf18
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ class Profile:
 
 # %% ../nbs/00_config.ipynb #e32bb8f8
 class ProfileError(ValueError):
-    "A profile that cannot be loaded: unknown name, unknown or missing key, or a value of the wrong type."
+    "A profile that cannot be loaded: unknown name, unknown or missing key, a value of the wrong type or out of range."
 
 _TRUE, _FALSE = {'1', 'true', 'yes', 'on'}, {'0', 'false', 'no', 'off'}
 
@@ -162,7 +164,57 @@ def _build(name, values: dict, where: str) -> Profile:
     missing = [k for k in known if k not in values]
     if missing:
         raise ProfileError(f"{where}: missing key(s) {', '.join(missing)}")
-    return Profile(name=name, **{k: _parse(k, values[k], hints[k], where) for k in known})
+    return check_profile(Profile(name=name, **{k: _parse(k, values[k], hints[k], where) for k in known}), where)
+
+# %% ../nbs/00_config.ipynb #a61ee57b
+def _rng(lo=None, hi=None, lo_open=False, hi_open=False):
+    "A range check and its description: lo <= v <= hi (or < with the open flags)."
+    def ok(v):
+        return ((lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi)))
+    lo_s = '' if lo is None else f"{'>' if lo_open else '>='} {lo}"
+    hi_s = '' if hi is None else f"{'<' if hi_open else '<='} {hi}"
+    return ok, ' and '.join(s for s in (lo_s, hi_s) if s)
+
+_POS, _NONNEG, _POSF, _FRAC = _rng(1), _rng(0), _rng(0, lo_open=True), _rng(0, 1)
+_RANGES = {
+    **dict.fromkeys(('img_size', 'frame_size', 'patch_size', 'embed_dim', 'depth', 'num_heads', 'dec_embed_dim',
+                     'dec_depth', 'dec_num_heads', 'pre_epochs', 'pre_batch', 'k_c', 'dpc_k', 'proj_dim', 'ref_epochs',
+                     'ref_batch', 'eval_stride', 'det_n_kp', 'det_epochs', 'det_batch', 'limited_repeats',
+                     'limited_sizes'), _POS),
+    **dict.fromkeys(('seed', 'n_train', 'num_workers', 'pre_warmup_epochs', 'ref_warmup_epochs', 'det_train',
+                     'tsne_images', 'jitter', 'pre_weight_decay', 'ref_weight_decay', 'det_wd', 'lambda_aa', 'lambda_ap',
+                     'lambda_pp', 'tps_global', 'tps_local', 'tps_trans', 'tps_scale', 'tps_rot'), _NONNEG),
+    **dict.fromkeys(('mlp_ratio', 'pre_base_lr', 'ref_lr', 'det_lr', 'tau'), _POSF),
+    'mask_ratio': _rng(0, 1, hi_open=True), 'eta': _rng(0, 1, lo_open=True),
+    'pre_beta1': _rng(0, 1, hi_open=True), 'pre_beta2': _rng(0, 1, hi_open=True),
+    'tps_grid': _rng(2), 'match_images': _rng(2),
+}
+
+# %% ../nbs/00_config.ipynb #c3c09f18
+def _relations(p: Profile) -> list[tuple[str, bool, str]]:
+    "(key, holds, what it needs) for every rule that ties fields together."
+    return [
+        ('patch_size', p.img_size % p.patch_size == 0, f"to divide img_size {p.img_size}"),
+        ('frame_size', p.frame_size >= p.img_size, f"to be at least img_size {p.img_size}"),
+        ('num_heads', p.embed_dim % p.num_heads == 0, f"to divide embed_dim {p.embed_dim}"),
+        ('dec_num_heads', p.dec_embed_dim % p.dec_num_heads == 0, f"to divide dec_embed_dim {p.dec_embed_dim}"),
+        ('mask_ratio', int(p.n_tokens * (1 - p.mask_ratio)) >= 1, f"to leave at least one of the {p.n_tokens} tokens visible"),
+        ('split_block', 1 <= p.split_block <= p.depth, f"to be a block of 1..depth ({p.depth})"),
+        ('pre_warmup_epochs', p.pre_warmup_epochs <= p.pre_epochs, f"to be at most pre_epochs {p.pre_epochs}"),
+        ('ref_warmup_epochs', p.ref_warmup_epochs <= p.ref_epochs, f"to be at most ref_epochs {p.ref_epochs}"),
+        ('eval_stride', p.patch_size % p.eval_stride == 0 and (p.patch_size - p.eval_stride) % 2 == 0,
+         f"to divide patch_size {p.patch_size} with patch_size - eval_stride even"),
+    ]
+
+def check_profile(p: Profile, where: str = 'profile') -> Profile:
+    "`p` if every field is in its range and the fields agree; else a `ProfileError` naming `where` and the key."
+    for k, (ok, rule) in _RANGES.items():
+        v = getattr(p, k)
+        if not all(ok(x) for x in (v if isinstance(v, tuple) else (v,))):
+            raise ProfileError(f"{where}: {k} = {_fmt(v)} is out of range: it must be {rule}")
+    for k, holds, need in _relations(p):
+        if not holds: raise ProfileError(f"{where}: {k} = {_fmt(getattr(p, k))} does not fit: it needs {need}")
+    return p
 
 # %% ../nbs/00_config.ipynb #21acc430
 def _pkg_dir() -> Path:
@@ -204,10 +256,28 @@ def load_profile(name: str | Profile | None = None, path=None, **overrides) -> P
     return p
 
 # %% ../nbs/00_config.ipynb #dd551b81
+class DeviceError(ValueError):
+    "A device name torch does not know, or one this machine does not have."
+
+def check_device(device: str | torch.device) -> torch.device:
+    "`device` as a `torch.device`, if this machine has it."
+    try: d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    if d.type == 'cuda':
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0: raise DeviceError(f"device {device!r}: CUDA is not available on this machine (torch {torch.__version__}); use --device cpu")
+        if d.index is not None and d.index >= n: raise DeviceError(f"device {device!r}: this machine has {n} CUDA device(s)")
+    elif d.type == 'mps':
+        mps = getattr(torch.backends, 'mps', None)
+        if mps is None or not mps.is_available(): raise DeviceError(f"device {device!r}: MPS is not available on this machine")
+    elif d.type != 'cpu': raise DeviceError(f"device {device!r}: the kit runs on cpu, cuda or mps")
+    return d
+
 def get_device(device: str | torch.device | None = None) -> torch.device:
-    "`device`, else `$SCE_MAE_DEVICE`, else cuda, then mps, then cpu."
+    "`device`, else `$SCE_MAE_DEVICE`, else cuda, then mps, then cpu; a device this machine lacks is a `DeviceError`."
     device = device or os.environ.get('SCE_MAE_DEVICE')
-    if device: return torch.device(device)
+    if device: return check_device(device)
     if torch.cuda.is_available(): return torch.device('cuda')
     mps = getattr(torch.backends, 'mps', None)
     if mps is not None and mps.is_available(): return torch.device('mps')
@@ -224,13 +294,38 @@ def seed_everything(seed: int) -> torch.Generator:
 def add_run_args(ap, profile: str = "run profile of settings.ini (default $SCE_MAE_PROFILE or demo)",
                  dataset: str = "dataset name (default: the profile's)", seed: str = "seed (default: the profile's)",
                  seed_default: int | None = None):
-    "Add the options every sce-mae tool shares (--profile, --dataset, --root, --seed, --device) to the parser `ap`."
+    "Add the options every sce-mae tool shares (--profile, --settings, --dataset, --root, --seed, --device) to the parser `ap`."
     ap.add_argument('--profile', default=None, help=profile)
+    ap.add_argument('--settings', default=None, metavar='FILE',
+                    help="settings.ini to read the profiles from (default $SCE_MAE_SETTINGS, else the kit's)")
     ap.add_argument('--dataset', default=None, help=dataset)
     ap.add_argument('--root', default=None, help='data root of a real dataset (default $SCE_MAE_DATA)')
     ap.add_argument('--seed', type=int, default=seed_default, help=seed)
     ap.add_argument('--device', default=None, help='cpu, cuda, cuda:1, mps (default: best available)')
     return ap
+
+def parse_run_args(ap, argv=None) -> argparse.Namespace:
+    "Parse the command line, then check before any work: `--settings` (kept as `$SCE_MAE_SETTINGS` for every profile this process loads), `--profile`, `--device`."
+    a = ap.parse_args(argv)
+    if a.settings: os.environ['SCE_MAE_SETTINGS'] = str(settings_path(a.settings).resolve())
+    if a.profile: load_profile(a.profile)
+    if a.device: check_device(a.device)
+    return a
+
+# %% ../nbs/00_config.ipynb #b7e82e4c
+USER_ERRORS = (ValueError, OSError)
+
+def cli(prog: str):
+    "Decorator for a command's `main(argv=None)`: user errors print one line `PROG: error: ...` and exit 2."
+    def wrap(main):
+        @functools.wraps(main)
+        def run(argv=None):
+            try: return main(argv)
+            except USER_ERRORS as e:
+                if os.environ.get('SCE_MAE_DEBUG'): raise
+                print(f"{prog}: error: {e}", file=sys.stderr); sys.exit(2)
+        return run
+    return wrap
 
 # %% ../nbs/00_config.ipynb #596855b9
 def data_root(root=None, subdir: str | None = None) -> Path:
@@ -270,8 +365,49 @@ def save_checkpoint(obj: dict, path) -> Path:
         if tmp.exists(): tmp.unlink()
     return path
 
+class CheckpointError(ValueError):
+    "A checkpoint file that cannot be read: damaged (truncated, empty) or not a plain-weights checkpoint."
+
 def load_checkpoint(path, map_location='cpu') -> dict:
-    "Read a checkpoint written by `save_checkpoint` (weights only: tensors and plain values)."
+    "Read a checkpoint written by `save_checkpoint` (weights only: tensors and plain values); a damaged file is a `CheckpointError` naming it."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try: ck = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        if 'Weights only load failed' in str(e):
+            raise CheckpointError(f"{path} is not a plain-weights checkpoint (loading it would run code): refused") from None
+        raise CheckpointError(f"{path} is damaged ({path.stat().st_size} bytes; {type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}): "
+                              f"rerun the step that writes it") from None
+    if not isinstance(ck, dict): raise CheckpointError(f"{path} holds a {type(ck).__name__}, not a checkpoint dict")
+    return ck
+
+# %% ../nbs/00_config.ipynb #174a8128
+def _pid_alive(pid: int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except (PermissionError, OSError): return True
+    return True
+
+def clean_leftovers(folder) -> list[Path]:
+    "Remove the temporary files (`.NAME.PID.tmp`) and folders (`NAME.tmp-PID`) of dead processes in `folder`; -> what went."
+    import re, shutil
+    gone, folder = [], Path(folder)
+    if not folder.is_dir(): return gone
+    for f in folder.iterdir():
+        m = re.fullmatch(r'\..+\.(\d+)\.tmp', f.name) or re.fullmatch(r'.+\.tmp-(\d+)', f.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+            gone.append(f)
+    return gone
+
+def writable_dir(folder) -> Path:
+    "Create `folder` if needed and check that files can be written in it (before a run starts, not after an epoch)."
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f'.write-probe.{os.getpid()}.tmp'
+        probe.write_bytes(b''); probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"output folder {folder} cannot be written ({e.strerror or e})") from None
+    clean_leftovers(folder)
+    return folder

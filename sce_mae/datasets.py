@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, DataLoader
 from tqdm.auto import tqdm
-from .config import data_root, cache_dir
+from .config import data_root, cache_dir, clean_leftovers
 
 # %% auto #0
 __all__ = ['FRAME', 'BORDER', 'CROP', 'MAFL_NAMES', 'DOT_COLOURS', 'W300_DOTS', 'MTFL_ATTRS', 'MTFL_BOX', 'W300_SETS', 'DATASETS',
@@ -97,8 +97,20 @@ def _rows(path: Path, nfields=None, min_fields: int = 1, skip: int = 0):
         yield ln, tok
 
 def _numbers(tok, path, ln, typ=float):
-    try: return [typ(t) for t in tok]
+    try: v = [typ(t) for t in tok]
     except ValueError: raise DataError(f"{path}:{ln}: expected numbers, got {' '.join(tok)[:120]!r}") from None
+    if not all(math.isfinite(x) for x in v):
+        raise DataError(f"{path}:{ln}: expected finite numbers (no NaN or infinity), got {' '.join(tok)[:120]!r}")
+    return v
+
+def _check_finite(a, where, label: str, what: str = 'landmark'):
+    "Every coordinate must be a finite number: NaN or infinite values are refused, naming the item and where it was read."
+    a = np.asarray(a, np.float64)
+    bad = ~np.isfinite(a.reshape(len(a), -1)).all(1) if len(a) else np.zeros(0, bool)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{label} item {i} ({where[i] if where is not None else 'row ' + str(i)}): {what} coordinates "
+                        f"{np.round(a[i].reshape(-1), 2).tolist()[:10]} are not all finite numbers ({int(bad.sum())} such item(s))")
 
 def _check_files(paths, where, label: str):
     "Every listed image must exist: one error naming how many are missing and the first few with their source lines."
@@ -126,6 +138,8 @@ class FaceDataset(Dataset):
         self._boxes = None       # (N, 4) frame boxes when they do not depend on the image size
         self._sizes = {}         # image sizes read from headers
         self.root = self._load(root)
+        _check_finite(self.raw_lms, self.where, self.label)
+        if self._boxes is not None: _check_finite(self._boxes, self.where, self.label, 'frame box')
         N = len(self.paths)
         if n is not None:
             if not 0 < n <= N: raise ValueError(f"{self.label}: asked for n={n} items, it has {N}")
@@ -723,6 +737,7 @@ def prepare_cache(name: str, split: str = 'train', root=None, out=None, size: in
     out = Path(out) if out is not None else cache_dir() / cache_name(key, split, size, full, seed)
     tmp = out.with_name(out.name + f'.tmp-{os.getpid()}')
     if tmp.exists(): shutil.rmtree(tmp)
+    clean_leftovers(out.parent)                       # the temporary folders of killed earlier runs
     tmp.mkdir(parents=True)
     N, t0 = len(ds), time.time()
     if N == 0: raise DataError(f"{key} {split}: the dataset has no items, nothing to cache")
@@ -765,6 +780,7 @@ class CachedFaces(Dataset):
         N, S = self.info['n'], self.info['image_size']
         if self.images.shape != (N, S, S, 3) or self.images.dtype != np.uint8 or len(self.lms) != N:
             raise DataError(f"{self.path}: images {self.images.shape} {self.images.dtype} / landmarks {self.lms.shape} do not match meta.json (n={N}, size {S})")
+        _check_finite(self.lms, None, f"cache {self.path}")
         if n is not None:
             if not 0 < n <= N: raise ValueError(f"cache {self.path} holds {N} items; asked for n={n}")
             N = n

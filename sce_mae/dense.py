@@ -105,6 +105,9 @@ class DenseFeatures(nn.Module):
         if not torch.is_tensor(imgs) or imgs.ndim != 4 or imgs.shape[1] != 3 or tuple(imgs.shape[-2:]) != (S, S):
             raise ValueError(f"DenseFeatures: expected images (B, 3, {S}, {S}), got "
                              f"{tuple(imgs.shape) if torch.is_tensor(imgs) else type(imgs).__name__}")
+        if imgs.is_floating_point() and not torch.isfinite(imgs).all():   # one NaN pixel would make every cell NaN
+            bad = (~torch.isfinite(imgs)).flatten(1).any(1).nonzero().flatten().tolist()
+            raise ValueError(f"DenseFeatures: {len(bad)} image(s) hold NaN or infinite pixels (first: image {bad[0]})")
         B, r, g = len(imgs), self.patch // self.stride, S // self.patch
         x = shifted_copies(imgs.to(_device(self), torch.float32), self.stride, self.patch, self.pad_mode).flatten(0, 1)
         f = torch.cat([self.token_maps(c) for c in x.split(self.chunk)])                    # (B*r*r, g*g, C)

@@ -17,7 +17,8 @@ import matplotlib.pyplot as plt
 from sklearn.manifold import TSNE              # imported here, not lazily: threads_limit only reaches loaded libraries
 from sklearn.metrics import silhouette_score
 from . import __version__
-from .config import Profile, load_profile, get_device, seed_everything, load_checkpoint, add_run_args
+from .config import (Profile, load_profile, get_device, seed_everything, load_checkpoint, add_run_args,
+                            parse_run_args, cli, writable_dir, CheckpointError)
 from .datasets import get_dataset
 from .mae import MAE, load_mae, encoder_param_count
 from .refine import load_refined, check_backbone, file_sha256

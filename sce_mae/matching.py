@@ -120,6 +120,9 @@ def match_points(fa: torch.Tensor, fb: torch.Tensor, pts_a: torch.Tensor, matche
         raise ValueError(f"fa and fb must be (B, C, h, w) maps with the same B and C; got {tuple(fa.shape)} and {tuple(fb.shape)}")
     if pts_a.ndim != 3 or pts_a.shape[0] != len(fa) or pts_a.shape[-1] != 2:
         raise ValueError(f"pts_a must be (B, P, 2) with B = {len(fa)}; got {tuple(pts_a.shape)}")
+    if not torch.isfinite(pts_a).all():
+        b = int((~torch.isfinite(pts_a)).flatten(1).any(1).nonzero()[0])
+        raise ValueError(f"pts_a holds NaN or infinite points (first in image {b}: {pts_a[b].tolist()[:3]} ...)")
     fn = _match_paper if matcher == 'paper' else _match_dve
     pts_a = pts_a.to(fa.device, torch.float32)
     return torch.cat([fn(fa[i:i + chunk].float(), fb[i:i + chunk].float(), pts_a[i:i + chunk], size)

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.distributed as dist
 from tqdm.auto import tqdm
 from .config import (Profile, load_profile, get_device, seed_everything, save_checkpoint, load_checkpoint,
-                            add_run_args)
+                            add_run_args, parse_run_args, cli, writable_dir)
 from .mae import MAE, save_mae, load_mae, reconstruct, show_reconstructions, show_attention
 
 # %% auto #0
@@ -179,7 +179,14 @@ def pretrain(profile: Profile | str, out, dataset: str | None = None, root=None,
     out = Path(out); ck_path = out / 'checkpoint.pt'
     if ck_path.exists() and not resume:
         raise FileExistsError(f"{ck_path} exists: pass resume=True (--resume) to continue that run, or choose another out folder")
+    if resume and (out / 'mae.pt').is_file():                 # a finished run: nothing to resume, and its file stays as it is
+        fin = load_checkpoint(out / 'mae.pt')
+        if fin.get('profile') != p.to_dict() or fin.get('seed') != seed:
+            raise ValueError(f"{out / 'mae.pt'} is a finished run of another profile or seed: choose another out folder")
+        if progress: print(f"{out / 'mae.pt'} is finished already: left as it is")
+        return out / 'mae.pt'
     world, rank, dev, started = _dist_setup(device)
+    if rank == 0: writable_dir(out)
     try:
         B = p.pre_batch
         if B % world: raise ValueError(f"pre_batch {B} is not divisible by the {world} DDP processes")
@@ -271,6 +278,7 @@ def show_recon_progress(imgs: torch.Tensor, masked: torch.Tensor, snaps: dict, t
     return fig
 
 # %% ../nbs/05_pretrain.ipynb #ed2ed994
+@cli('sce-mae-pretrain')
 def main(argv=None):
     "`sce-mae-pretrain`: MAE pretraining (stage 1) of a profile, or `--bench` to time its training step."
     ap = argparse.ArgumentParser(prog='sce-mae-pretrain', description='SCE-MAE stage 1: MAE pretraining. '
@@ -284,7 +292,7 @@ def main(argv=None):
     ap.add_argument('--bench', type=int, nargs='?', const=10, default=None, metavar='STEPS',
                     help='time STEPS training steps (default 10) against the plain reference instead of training')
     ap.add_argument('--batch', type=int, default=None, help="--bench: batch size (default: the profile's)")
-    a = ap.parse_args(argv)
+    a = parse_run_args(ap, argv)
     if a.threads: torch.set_num_threads(a.threads)
     if a.bench is not None:
         bench_pretrain(a.profile, steps=a.bench, batch=a.batch, device=a.device)

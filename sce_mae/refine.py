@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .config import (Profile, load_profile, get_device, seed_everything, save_checkpoint, load_checkpoint,
-                            add_run_args)
+                            add_run_args, parse_run_args, cli, writable_dir)
 from .mae import MAE, load_mae
 from .pretrain import (warmup_cosine, adamw, StepLog, load_frames, epoch_order, step_draws, augment,
                               seeded_generator, rng_state, set_rng_state)
@@ -174,6 +174,13 @@ def refine(profile: Profile | str, backbone, out, dataset: str | None = None, ro
     mae = load_mae(backbone)
     check_backbone(mae, p, source=str(backbone))
     sha = file_sha256(backbone)
+    if resume and (out / 'refined.pt').is_file():             # a finished run: nothing to resume, and its file stays as it is
+        fin = load_checkpoint(out / 'refined.pt')
+        if (fin.get('profile'), fin.get('seed'), fin.get('mode'), fin.get('backbone_sha256')) != (p.to_dict(), seed, mode, sha):
+            raise ValueError(f"{out / 'refined.pt'} is a finished run of another profile, seed, mode or backbone: choose another out folder")
+        if progress: print(f"{out / 'refined.pt'} is finished already: left as it is")
+        return out / 'refined.pt'
+    writable_dir(out)
     mae = mae.to(dev).eval().requires_grad_(False)
     B = p.ref_batch
     if frames is None: frames = load_frames(p, root=root, progress=progress)
@@ -235,10 +242,11 @@ def load_refined(path, backbone=None, map_location='cpu', check: bool = True) ->
     if 'projector' not in ck or 'backbone_sha256' not in ck:
         raise ValueError(f"{path}: not a refined.pt written by sce_mae.refine (keys {sorted(ck)[:10]})")
     if backbone is None:
-        cands = [Path(ck['backbone']), path.resolve().parent / ck.get('backbone_rel', '')]
+        cands = [path.resolve().parent / ck['backbone_rel']] if 'backbone_rel' in ck else []
+        cands.append(Path(ck['backbone']))                    # the run folder's own backbone first (a copied run uses its copy)
         found = [c for c in cands if c.is_file()]
         if not found:
-            raise FileNotFoundError(f"{path}: its backbone is neither at {cands[0]} nor at {cands[1]}; "
+            raise FileNotFoundError(f"{path}: its backbone is not at {' nor at '.join(map(str, cands))}; "
                                     f"pass backbone=PATH (the mae.pt it was refined on)")
         backbone = found[0]
     if check and file_sha256(backbone) != ck['backbone_sha256']:
@@ -251,6 +259,7 @@ def load_refined(path, backbone=None, map_location='cpu', check: bool = True) ->
     return mae.to(map_location).eval(), projector.to(map_location).eval()
 
 # %% ../nbs/10_refine.ipynb #9185c7b9
+@cli('sce-mae-refine')
 def main(argv=None):
     "`sce-mae-refine`: stage 2, train the projector on a frozen MAE backbone."
     ap = argparse.ArgumentParser(prog='sce-mae-refine', description='SCE-MAE stage 2: train the CARB projector with the '
@@ -262,7 +271,7 @@ def main(argv=None):
                     'dve (DVE loss on TPS pairs)')
     ap.add_argument('--resume', action='store_true', help='continue the run in --out from its last checkpoint')
     ap.add_argument('--stop-after', type=int, default=None, help='stop after this many epochs (resume later)')
-    a = ap.parse_args(argv)
+    a = parse_run_args(ap, argv)
     print(refine(a.profile, a.backbone, a.out, dataset=a.dataset, root=a.root, mode=a.mode, resume=a.resume,
                  device=a.device, seed=a.seed, stop_after=a.stop_after))
 

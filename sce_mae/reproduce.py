@@ -10,7 +10,8 @@ from datetime import datetime
 from pathlib import Path
 import numpy as np
 import torch
-from .config import Profile, ProfileError, load_profile, get_device, load_checkpoint, add_run_args
+from .config import (Profile, ProfileError, load_profile, get_device, load_checkpoint, add_run_args, parse_run_args,
+                            cli, writable_dir, check_device, CheckpointError)
 from .pretrain import pretrain, load_frames
 from .refine import refine, file_sha256
 from .evaluate import evaluate_run

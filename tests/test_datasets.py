@@ -422,3 +422,41 @@ def test_real_mtfl(mtfl_root, tmp_path):
         out = tmp_path / f'{ds.split}.png'
         fig.savefig(out, dpi=80)
         assert out.stat().st_size > 50_000
+
+
+def test_nan_and_inf_landmarks_refused(fx, tmp_path):
+    d = copy_of(fx, tmp_path, 'mtfl')
+    f = d / 'mtfl' / 'training.txt'
+    rows = f.read_bytes().split(b'\r\n')
+    good = list(rows)
+    for bad in (b'nan', b'inf', b'-Infinity'):
+        tok = good[3].split(b' '); tok[2] = bad; rows[3] = b' '.join(tok)
+        f.write_bytes(b'\r\n'.join(rows))
+        with pytest.raises(DataError, match=r'training.txt:4: expected finite numbers \(no NaN or infinity\)'):
+            MTFL(d, 'train')
+    env = {**os.environ, 'SCE_MAE_CACHE': str(tmp_path / 'cache')}
+    r = _cli('prepare', '--dataset', 'mtfl', '--root', d, '--split', 'train', '--out', tmp_path / 'out', env=env)
+    assert r.returncode == 2 and 'training.txt:4' in r.stderr and 'Traceback' not in r.stderr
+    assert not (tmp_path / 'out' / 'mtfl-train-96').exists()
+
+
+def test_nan_in_a_mat_file_refused(fx, tmp_path):
+    from scipy.io import savemat
+    d = copy_of(fx, tmp_path, 'aflw_r')
+    matf = d / 'aflw_r' / 'aflw_test_keypoints.mat'
+    m = loadmat(matf); m['gt'] = m['gt'].astype(float); m['gt'][1, 2, 0] = np.nan
+    savemat(matf, {k: v for k, v in m.items() if not k.startswith('__')})
+    with pytest.raises(DataError, match=r'aflw_r test item 1 .*: landmark coordinates .* not all finite'): AFLW_R(d, 'test')
+
+
+def test_cache_with_nan_landmarks_refused(fx, tmp_path):
+    c = prepare_cache('mtfl', 'train', fx, out=tmp_path / 'c')
+    lms = np.load(c / 'lms.npy'); lms[2, 1, 0] = np.nan; np.save(c / 'lms.npy', lms)
+    with pytest.raises(DataError, match=r'cache .* item 2 .* not all finite'): CachedFaces(c)
+
+
+def test_prepare_removes_leftovers_of_killed_runs(fx, tmp_path):
+    dead = tmp_path / 'out' / f'mtfl-test-96.tmp-{2**22 + 777}'
+    dead.mkdir(parents=True); (dead / 'images.npy').write_bytes(b'partial')
+    prepare_cache('mtfl', 'test', fx, out=tmp_path / 'out' / 'mtfl-test-96')
+    assert sorted(x.name for x in (tmp_path / 'out').iterdir()) == ['mtfl-test-96']
