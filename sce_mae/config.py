@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_config.ipynb #cc588f49
 from __future__ import annotations
-import argparse, configparser, functools, importlib, io, os, random, sys, typing
+import argparse, configparser, functools, importlib, io, os, random, sys, time, typing
 from dataclasses import dataclass, fields, asdict, replace as dc_replace
 from pathlib import Path
 import numpy as np
@@ -14,7 +14,7 @@ import torch
 __all__ = ['DEFAULT_PROFILE', 'USER_ERRORS', 'Profile', 'ProfileError', 'check_profile', 'settings_path', 'profile_names',
            'load_profile', 'DeviceError', 'check_device', 'get_device', 'seed_everything', 'add_run_args',
            'parse_run_args', 'cli', 'data_root', 'cache_dir', 'save_checkpoint', 'CheckpointError', 'load_checkpoint',
-           'clean_leftovers', 'writable_dir']
+           'clean_leftovers', 'writable_dir', 'matmul_peak', 'bench_context', 'bench_note']
 
 # %% ../nbs/00_config.ipynb #09ddaf18
 @dataclass(frozen=True)
@@ -411,3 +411,32 @@ def writable_dir(folder) -> Path:
         raise PermissionError(f"output folder {folder} cannot be written ({e.strerror or e})") from None
     clean_leftovers(folder)
     return folder
+
+# %% ../nbs/00_config.ipynb #662217cf
+def _sync(dev: torch.device):
+    if dev.type == 'cuda': torch.cuda.synchronize(dev)
+
+def matmul_peak(device=None, n: int | None = None, reps: int = 5) -> float:
+    "Measured float32 matmul throughput (GFLOP/s) of square n x n products (n: 2048 on a CPU, 8192 on a GPU), best of `reps`."
+    dev = torch.device(device) if device is not None else torch.device('cpu')
+    n = n or (8192 if dev.type == 'cuda' else 2048)
+    g = torch.Generator(device=dev).manual_seed(0)
+    a, b = torch.randn(n, n, device=dev, generator=g), torch.randn(n, n, device=dev, generator=g)
+    best = float('inf')
+    with torch.inference_mode():
+        for i in range(reps + 1):
+            _sync(dev); t0 = time.perf_counter(); a @ b; _sync(dev)
+            if i: best = min(best, time.perf_counter() - t0)     # the first product warms the kernels up
+    return 2 * n ** 3 / best / 1e9
+
+def bench_context(device=None) -> dict:
+    "What every benchmark records beside its result: device, threads, load average (1, 5, 15 min) and the measured matmul peak."
+    dev = torch.device(device) if device is not None else torch.device('cpu')
+    load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, 'getloadavg') else None
+    return dict(device=str(dev), threads=torch.get_num_threads(), load_average=load, peak_gflop_s=round(matmul_peak(dev), 1))
+
+def bench_note(ctx: dict, gflop_s: float | None = None) -> str:
+    "One line: `device, N threads, load a/b/c, peak P GFLOP/s` and, given a rate, its share of the peak."
+    s = (f"{ctx['device']}, {ctx['threads']} threads, load average {'/'.join(map(str, ctx['load_average'] or ['?']))}, "
+         f"matmul peak {ctx['peak_gflop_s']:.0f} GFLOP/s")
+    return s + (f"; {gflop_s:.0f} GFLOP/s = {100 * gflop_s / ctx['peak_gflop_s']:.0f} % of peak" if gflop_s else '')

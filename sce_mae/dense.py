@@ -9,14 +9,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .config import Profile, load_profile, get_device, load_checkpoint
-from .mae import MAE, load_mae
+from .config import Profile, load_profile, get_device, load_checkpoint, bench_context, bench_note, _sync
+from .mae import MAE, load_mae, vit_gflop
 from .carb import Projector
 from .refine import load_refined
 
 # %% auto #0
 __all__ = ['STRIDES', 'WHICH', 'check_stride', 'shift_offsets', 'shifted_copies', 'interleave', 'DenseFeatures',
-           'dense_from_checkpoint', 'similarity_maps', 'show_similarity', 'bench_dense']
+           'dense_from_checkpoint', 'similarity_maps', 'show_similarity', 'encoder_gflop', 'bench_dense']
 
 # %% ../nbs/11_dense.ipynb #e8407fe7
 STRIDES = (8, 4, 2)
@@ -169,17 +169,26 @@ def show_similarity(feat_fns: dict, imgs: torch.Tensor, lms: torch.Tensor, landm
     return fig
 
 # %% ../nbs/11_dense.ipynb #5f78a169
+def encoder_gflop(profile: Profile | str, images: int = 1, stride: int | None = None) -> float:
+    "Forward GFLOP of the encoder for `images` images at cover-and-stride `stride` (patch/stride)^2 passes each."
+    p = load_profile(profile); s = p.eval_stride if stride is None else stride
+    per = vit_gflop(p.n_tokens + 1, p.embed_dim, p.depth, p.mlp_ratio) + 2 * p.n_tokens * 3 * p.patch_size ** 2 * p.embed_dim / 1e9
+    return images * (p.patch_size // s) ** 2 * per
+
 def bench_dense(mae: MAE, imgs: torch.Tensor, strides=STRIDES, projector=None, which=None, repeats: int = 3,
                 verbose: bool = True) -> dict:
-    "Images/s of `DenseFeatures` at each stride on `imgs`: the best of `repeats` timed calls after one warm-up call."
-    res = {}
+    "Images/s and GFLOP/s of `DenseFeatures` at each stride on `imgs` (best of `repeats` after a warm-up), beside the machine's peak."
+    dev = _device(mae); ctx = bench_context(dev)
+    res = dict(img_per_s={}, gflop_s={}, pct_peak={}, **ctx)
     for s in strides:
         df = DenseFeatures(mae, projector, stride=s, which=which)
-        dev = _device(df); x = imgs.to(dev)
-        sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == 'cuda' else (lambda: None)
+        x = imgs.to(dev)
         df(x[:2]); best = float('inf')
         for _ in range(repeats):
-            sync(); t0 = time.perf_counter(); df(x); sync(); best = min(best, time.perf_counter() - t0)
-        res[s] = len(x) / best
-        if verbose: print(f"stride {s} ({96 // s}x{96 // s}, {(8 // s) ** 2} passes): {res[s]:.0f} img/s on {dev}")
+            _sync(dev); t0 = time.perf_counter(); df(x); _sync(dev); best = min(best, time.perf_counter() - t0)
+        res['img_per_s'][s] = len(x) / best
+        res['gflop_s'][s] = encoder_gflop(mae.profile, len(x), s) / best
+        res['pct_peak'][s] = 100 * res['gflop_s'][s] / ctx['peak_gflop_s']
+        if verbose: print(f"stride {s} ({96 // s}x{96 // s}, {(8 // s) ** 2} passes): {res['img_per_s'][s]:.0f} img/s "
+                          f"[{bench_note(ctx, res['gflop_s'][s])}]")
     return res

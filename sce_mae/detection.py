@@ -96,10 +96,13 @@ class Regressor(nn.Module):
 # %% ../nbs/13_detection.ipynb #c49d3085
 @torch.no_grad()
 def extract_features(feat_fn, dataset, batch: int = 64, path=None, dtype=torch.float32,
-                     device=None, progress: bool = True, desc: str = 'features') -> dict:
-    "Run `feat_fn` over `dataset` once: dict(feats (N,C,h,w), lms (N,P,2), eyes (N,2), index (N,)); cached at `path`."
+                     device=None, progress: bool = True, desc: str = 'features', key: str | None = None) -> dict:
+    """Run `feat_fn` over `dataset` once: dict(feats (N,C,h,w), lms (N,P,2), eyes (N,2), index (N,)); cached at `path`.
+    `key` (what made the features) is stored with them and checked when they are read back."""
     if path is not None and Path(path).is_file():
         d = load_checkpoint(path)
+        if key is not None and d.get('key') != key:
+            raise ValueError(f"feature cache {path} was made from other inputs (key {d.get('key')} vs {key}): delete it")
         if len(d['feats']) != len(dataset):
             raise ValueError(f"feature cache {path} holds {len(d['feats'])} images but the dataset has {len(dataset)}: "
                              f"delete it or pass another path")
@@ -113,6 +116,7 @@ def extract_features(feat_fn, dataset, batch: int = 64, path=None, dtype=torch.f
         feats.append(f.detach().to('cpu', dtype)); lms.append(b['lms'].float())
         eyes.append(b['eyes'].long()); index.append(torch.as_tensor(b['index']).long())
     out = dict(feats=torch.cat(feats), lms=torch.cat(lms), eyes=torch.cat(eyes), index=torch.cat(index))
+    if key is not None: out['key'] = key
     if path is not None: save_checkpoint(out, path)
     return out
 

@@ -18,11 +18,11 @@ from sklearn.manifold import TSNE              # imported here, not lazily: thre
 from sklearn.metrics import silhouette_score
 from . import __version__
 from .config import (Profile, load_profile, get_device, seed_everything, load_checkpoint, add_run_args,
-                            parse_run_args, cli, writable_dir, CheckpointError)
+                            parse_run_args, cli, writable_dir, CheckpointError, bench_context)
 from .datasets import get_dataset
 from .mae import MAE, load_mae, encoder_param_count
 from .refine import load_refined, check_backbone, file_sha256
-from .dense import DenseFeatures
+from .dense import DenseFeatures, encoder_gflop
 from .matching import (FRAME, MATCHERS, matching_views, matching_eval, same_location_baseline, show_matches)
 from .detection import (extract_features, evaluate_regressor, draw_subset, interocular_errors, show_detections)
 
@@ -31,7 +31,7 @@ __all__ = ['PAPER_SOURCE', 'PAPER_MATCHING', 'PAPER_DETECTION_SETS', 'PAPER_DETE
            'PAPER_COLUMN', 'ROWS', 'FEATURE_ROWS', 'PROJECTOR_ROWS', 'MEAN_SHAPE', 'IN_DOMAIN', 'find_run',
            'run_profile', 'head', 'TokenMemo', 'row_fn', 'limited_seed', 'limited_draws', 'limited_epochs',
            'landmark_descriptors', 'silhouette', 'tsne_embed', 'position_r2', 'results_markdown', 'plot_tsne',
-           'plot_limited', 'threads_limit', 'in_domain_split', 'evaluate_run', 'main', 'encoder_gflop',
+           'plot_limited', 'threads_limit', 'data_fingerprint', 'cache_key', 'in_domain_split', 'evaluate_run', 'main',
            'bench_matching']
 
 # %% ../nbs/14_evaluate.ipynb #b1b17172
@@ -341,8 +341,25 @@ def threads_limit(n: int | None):
     finally: torch.set_num_threads(old)
 
 # %% ../nbs/14_evaluate.ipynb #6182f74e
-def _cache_name(*parts) -> str:
-    return '-'.join(str(x) for x in parts) + '.pt'
+def data_fingerprint(ds) -> dict:
+    "What identifies a dataset's items: its description (class, split, size, root, n) and hashes of its landmarks and of a subset's draw."
+    base, idx = (ds.dataset, ds.indices) if isinstance(ds, Subset) else (ds, None)
+    d = dict(data=repr(base), n=len(ds))
+    lms = getattr(base, 'raw_lms', getattr(base, 'lms', None))
+    if lms is not None: d['landmarks'] = hashlib.sha256(np.ascontiguousarray(np.asarray(lms, np.float32)).tobytes()).hexdigest()[:16]
+    if idx is not None: d['subset'] = hashlib.sha256(np.asarray(idx, np.int64).tobytes()).hexdigest()[:16]
+    return d
+
+_VIEW_KEYS = ('img_size', 'match_images', 'tps_global', 'tps_local', 'tps_trans', 'tps_scale', 'tps_rot', 'tps_grid')
+_TOKEN_KEYS = ('img_size', 'patch_size', 'eval_stride', 'det_train')
+
+def cache_key(kind: str, ds, p: Profile, keys=(), **more) -> str:
+    "A short hash of everything that determines a cached artefact: its kind, the data, the profile fields `keys`, `more`, the kit's version."
+    spec = dict(kind=kind, data=data_fingerprint(ds), profile={k: getattr(p, k) for k in keys}, version=__version__, **more)
+    return hashlib.sha256(json.dumps(_plain(spec), sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+def _cache_name(kind: str, key: str) -> str:
+    return f"{kind}-{key}.pt"
 
 def _eval_data(p: Profile, name: str, root, seed: int):
     "(test frames for matching, test crops, training crops (drawn), the training draw) for the evaluation."
@@ -461,14 +478,14 @@ def _detection_row(tr_tok, te_tok, proj, k, p, seed, dev, threads) -> tuple[dict
     r.update(features={'stage1': 'stage 1', 'both': 'stage 1 + stage 2'}[_which(k, 'detection')], dim=int(tr['feats'].shape[1]))
     return r, pred, tr, te
 
-def _detection_step(raw, proj, avail, train, test, p, seed, cdir, tag, dev, threads, progress, limited_rows, T):
-    "Detection, limited annotations and feature quality from token maps computed once (and cached on disk)."
+def _detection_step(raw, proj, avail, train, test, p, seed, cdir, keys, dev, threads, progress, limited_rows, T):
+    "Detection, limited annotations and feature quality from token maps computed once (and cached on disk under `keys`)."
     t0 = time.time()
     with threads_limit(threads):
-        tr_tok = extract_features(raw, train, p.det_batch, cdir / _cache_name('tokens-train', tag, len(train), f'draw{seed}')
-                                  if cdir else None, dtype=torch.float16, device=dev, progress=progress, desc='train tokens')
-        te_tok = extract_features(raw, test, p.det_batch, cdir / _cache_name('tokens-test', tag, len(test)) if cdir else None,
-                                  dtype=torch.float16, device=dev, progress=progress, desc='test tokens')
+        tr_tok = extract_features(raw, train, p.det_batch, cdir / _cache_name('tokens-train', keys['train']) if cdir else None,
+                                  dtype=torch.float16, device=dev, progress=progress, desc='train tokens', key=keys['train'])
+        te_tok = extract_features(raw, test, p.det_batch, cdir / _cache_name('tokens-test', keys['test']) if cdir else None,
+                                  dtype=torch.float16, device=dev, progress=progress, desc='test tokens', key=keys['test'])
     T['detection_features'] = time.time() - t0
     T['detection'] = T['limited'] = T['feature_quality'] = 0.
     det = {MEAN_SHAPE['key']: _mean_shape_row(tr_tok, te_tok)}
@@ -530,39 +547,46 @@ def _in_domain_step(te_tok, proj, avail, p, spec, seed, dev, threads, progress) 
 # %% ../nbs/14_evaluate.ipynb #1f76956a
 def evaluate_run(run_dir, profile: Profile | str | None = None, dataset: str | None = None, root=None, out=None,
                  seed: int = 0, progress: bool = True, device=None, cache: bool = True, figures: bool = True,
-                 limited_rows=('sce', 'mae'), threads: int | None = None) -> dict:
+                 limited_rows=('sce', 'mae'), threads: int | None = None, overwrite: bool = False) -> dict:
     """Evaluate a run folder (RUN/pretrain/mae.pt, RUN/refine_{sce,no_cluster,dve}/refined.pt) with every baseline:
     matching, detection, limited annotations, feature quality. Writes results.json, results.md and figures to `out`
     (default RUN/eval) and returns the results (plain numbers). `threads`: threads of the backbone passes and the
-    full-data regressors (None: PyTorch's setting); the small jobs run in one thread."""
+    full-data regressors (None: PyTorch's setting); the small jobs run in one thread. An `out` that holds an evaluation
+    already is refused unless `overwrite`."""
     t_start, T = time.time(), {}
     run = Path(run_dir); ckpts = find_run(run)
     p = run_profile(run, profile)
     name = dataset or p.eval_dataset
     out = Path(out) if out is not None else run / 'eval'
-    out.mkdir(parents=True, exist_ok=True)
+    if (out / 'results.json').is_file() and not overwrite:
+        raise FileExistsError(f"{out} holds an evaluation already ({out / 'results.json'}): pass --overwrite "
+                              f"(overwrite=True) to replace it, or --out another folder")
+    writable_dir(out)
+    dev = get_device(device)
     cdir = out / 'cache' if cache else None
     if cdir: cdir.mkdir(exist_ok=True)
-    dev = get_device(device)
     seed_everything(seed)
     mae, proj, rows = _load_rows(ckpts, p, dev)
     avail = [k for k in FEATURE_ROWS if rows[k]['available']]
     raw = DenseFeatures(mae, stride=p.eval_stride, which='stage1', l2=False)     # raw token maps: every row's source
     sha = file_sha256(ckpts['mae'])[:16]
     test_full, test, train, _ = _eval_data(p, name, root, seed)
+    keys = dict(views=cache_key('views', test_full, p, _VIEW_KEYS, seed=0),
+                train=cache_key('tokens', train, p, _TOKEN_KEYS, backbone=sha, draw=seed),
+                test=cache_key('tokens', test, p, _TOKEN_KEYS, backbone=sha))
     T['load'] = time.time() - t_start
     res = dict(kind='sce-mae evaluation', version=__version__, profile=p.name, seed=seed, dataset=name,
                root=None if name == 'synth' else str(root if root is not None else os.environ.get('SCE_MAE_DATA')),
                run_dir=str(run), out=str(out), device=str(dev), stride=p.eval_stride, map=p.img_size // p.eval_stride,
                backbone_sha256=sha, rows=rows)
     t0 = time.time()
-    views = matching_views(test_full, p, n=p.match_images, seed=0, progress=progress,
-                           path=cdir / _cache_name('views', name, p.match_images, p.img_size, 'seed0') if cdir else None)
+    views = matching_views(test_full, p, n=p.match_images, seed=0, progress=progress, key=keys['views'],
+                           path=cdir / _cache_name('views', keys['views']) if cdir else None)
     T['views'] = time.time() - t0
     res['matching'], figs = _matching_step(raw, proj, avail, views, p, threads, progress, figures, T)
     del views
     res['detection'], res['limited'], res['feature_quality'], preds, te_tok = _detection_step(
-        raw, proj, avail, train, test, p, seed, cdir, f"{name}-s{p.eval_stride}-{sha}", dev, threads, progress,
+        raw, proj, avail, train, test, p, seed, cdir, keys, dev, threads, progress,
         limited_rows, T)
     spec = IN_DOMAIN.get(name)
     if spec is not None:
@@ -600,6 +624,7 @@ def evaluate_run(run_dir, profile: Profile | str | None = None, dataset: str | N
     return res
 
 # %% ../nbs/14_evaluate.ipynb #ccbcce83
+@cli('sce-mae-evaluate')
 def main(argv=None):
     "`sce-mae-evaluate`: every table of a run folder (matching, detection, limited annotations, feature quality)."
     ap = argparse.ArgumentParser(prog='sce-mae-evaluate', description='Evaluate an SCE-MAE run folder (RUN/pretrain/mae.pt, '
@@ -613,30 +638,25 @@ def main(argv=None):
     ap.add_argument('--no-cache', action='store_true', help='do not keep views and token maps in OUT/cache')
     ap.add_argument('--threads', type=int, default=None, help="threads of the backbone and the full regressors "
                     "(default: PyTorch's); small jobs use 1")
+    ap.add_argument('--overwrite', action='store_true', help='replace an evaluation already in OUT')
     ap.add_argument('--quiet', action='store_true', help='no progress bars')
-    a = ap.parse_args(argv)
+    a = parse_run_args(ap, argv)
     plt.switch_backend('Agg')
     try: find_run(a.ckpt)
     except FileNotFoundError as e: ap.error(str(e))
     res = evaluate_run(a.ckpt, a.profile, dataset=a.dataset, root=a.root, out=a.out, seed=a.seed, progress=not a.quiet,
-                       device=a.device, cache=not a.no_cache, threads=a.threads)
+                       device=a.device, cache=not a.no_cache, threads=a.threads, overwrite=a.overwrite)
     print(results_markdown(res))
     print(Path(res['out']) / 'results.json')
 
 # %% ../nbs/14_evaluate.ipynb #abb0557b
-def encoder_gflop(profile: Profile | str, images: int = 1, stride: int | None = None) -> float:
-    "Forward GFLOP of the encoder for `images` images at cover-and-stride `stride` (patch/stride)^2 passes each."
-    p = load_profile(profile); s = p.eval_stride if stride is None else stride
-    T, D = p.n_tokens + 1, p.embed_dim
-    per = p.depth * T * (2 * 12 * D * D + 2 * 2 * T * D) + 2 * p.n_tokens * 3 * p.patch_size ** 2 * D
-    return images * (p.patch_size // s) ** 2 * per / 1e9
-
 def bench_matching(profile: Profile | str = 'deit_tiny', dataset: str = 'mtfl', root=None, n: int = 1000,
                    stride: int = 4, seed: int = 0, batch: int = 64, threads: int | None = None,
                    progress: bool = False) -> dict:
     "Seconds of one matching run (both matchers) on the first n test frames of `dataset`, random-init MAE of `profile`."
     p = load_profile(profile)
     if threads: torch.set_num_threads(threads)
+    ctx = bench_context()
     load0, t0 = os.getloadavg(), time.perf_counter()
     ds = get_dataset(dataset, 'test', root, n=n, size=p.img_size, full=True)
     views = matching_views(ds, p, n=n, seed=0, progress=progress)
@@ -653,4 +673,5 @@ def bench_matching(profile: Profile | str = 'deit_tiny', dataset: str = 'mtfl', 
                 match_s=s['match'], matching_total_s=s['total'], total_s=t_views + s['total'],
                 feature_images=n_feat, feature_img_per_s=n_feat / s['features'],
                 tflop=encoder_gflop(p, n_feat, stride) / 1e3, gflop_per_s=encoder_gflop(p, n_feat, stride) / s['features'],
-                paper_same=r['paper']['same'], paper_different=r['paper']['different'])
+                pct_peak=100 * encoder_gflop(p, n_feat, stride) / s['features'] / ctx['peak_gflop_s'],
+                peak_gflop_s=ctx['peak_gflop_s'], paper_same=r['paper']['same'], paper_different=r['paper']['different'])

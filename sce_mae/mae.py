@@ -18,7 +18,7 @@ from .config import Profile, load_profile, load_checkpoint, save_checkpoint
 # %% auto #0
 __all__ = ['MEAN', 'STD', 'patchify', 'unpatchify', 'show_patches', 'sincos_pos_embed', 'random_masking', 'Encoded', 'MAE',
            'reconstruct', 'show_reconstructions', 'encoder_param_count', 'show_attention', 'WeightLoadError',
-           'save_mae', 'load_vit_state_dict', 'load_mae']
+           'save_mae', 'load_vit_state_dict', 'load_mae', 'vit_gflop', 'mae_step_gflop']
 
 # %% ../nbs/04_mae.ipynb #bd33c577
 def patchify(imgs: torch.Tensor, patch: int) -> torch.Tensor:
@@ -346,3 +346,17 @@ def load_mae(path, map_location='cpu') -> MAE:
     load_vit_state_dict(mae, ck['model'], source=str(path))
     if isinstance(map_location, (str, torch.device)): mae = mae.to(map_location)
     return mae.eval()
+
+# %% ../nbs/04_mae.ipynb #d15b4cfc
+def vit_gflop(tokens: int, dim: int, depth: int, mlp_ratio: float = 4.0) -> float:
+    "Forward GFLOP of `depth` transformer blocks on one sequence of `tokens` tokens of width `dim`."
+    return depth * tokens * (2 * (4 + 2 * mlp_ratio) * dim * dim + 4 * tokens * dim) / 1e9
+
+def mae_step_gflop(profile: Profile | str, batch: int = 1) -> float:
+    "GFLOP of one MAE training step (forward and backward, about 3x the forward) on `batch` images."
+    p = load_profile(profile)
+    N, D, Dd, P = p.n_tokens, p.embed_dim, p.dec_embed_dim, p.patch_size
+    keep = int(N * (1 - p.mask_ratio)) + 1
+    fwd = (2 * N * 3 * P * P * D + vit_gflop(keep, D, p.depth, p.mlp_ratio) * 1e9 + 2 * keep * D * Dd
+           + vit_gflop(N + 1, Dd, p.dec_depth, p.mlp_ratio) * 1e9 + 2 * (N + 1) * Dd * P * P * 3)
+    return 3 * batch * fwd / 1e9

@@ -146,11 +146,14 @@ def make_pairs(n: int) -> torch.Tensor:
     return torch.arange(n - n % 2).view(-1, 2)
 
 def matching_views(dataset, profile: Profile | str | None = None, n: int | None = None, seed: int = 0,
-                   path=None, progress: bool = False) -> dict:
-    "The first n images of `dataset` (n = profile.match_images, even) and their two TPS views (`tps_pair`, `seed`); cached at `path`."
+                   path=None, progress: bool = False, key: str | None = None) -> dict:
+    """The first n images of `dataset` (n = profile.match_images, even) and their two TPS views (`tps_pair`, `seed`); cached at `path`.
+    `key` (what made the views: data, profile fields, code version) is stored with them and checked when they are read back."""
     profile = load_profile(profile)
     if path is not None and Path(path).is_file():
         v = load_checkpoint(path)
+        if key is not None and v.get('key') != key:
+            raise ValueError(f"views cache {path} was made from other inputs (key {v.get('key')} vs {key}): delete it")
         want = (min(profile.match_images if n is None else n, len(dataset) if dataset is not None else v['n']) // 2 * 2, seed)
         if (v['n'], v['seed']) != want:
             raise ValueError(f"views cache {path} holds n={v['n']}, seed={v['seed']}; asked for n={want[0]}, seed={seed}: "
@@ -169,6 +172,7 @@ def matching_views(dataset, profile: Profile | str | None = None, n: int | None 
     v = tps_pair(imgs, lms, profile, seed, crop=crop, index=torch.arange(n))
     v = dict(img1=v['img1'].contiguous(), lms1=v['lms1'].float(), img2=v['img2'].contiguous(), lms2=v['lms2'].float(),
              pairs=pairs, n=n, size=profile.img_size, seed=seed)
+    if key is not None: v['key'] = key
     if path is not None: save_checkpoint(v, path)
     return v
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .config import (Profile, load_profile, get_device, seed_everything, save_checkpoint, load_checkpoint,
-                            add_run_args, parse_run_args, cli, writable_dir)
+                            add_run_args, parse_run_args, cli, writable_dir, bench_context, bench_note)
 from .mae import MAE, load_mae
 from .pretrain import (warmup_cosine, adamw, StepLog, load_frames, epoch_order, step_draws, augment,
                               seeded_generator, rng_state, set_rng_state)
@@ -285,7 +285,8 @@ def bench_refine(profile: Profile | str, steps: int = 5, batch: int | None = Non
     seed_everything(seed)
     mae = MAE(p).to(dev).eval().requires_grad_(False)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == 'cuda' else (lambda: None)
-    res = dict(profile=p.name, batch=B, steps=steps, device=str(dev), threads=torch.get_num_threads())
+    ctx = bench_context(dev)
+    res = dict(profile=p.name, batch=B, steps=steps, **ctx)
     for mode in modes:
         proj = Projector(p.embed_dim, p.proj_dim).to(dev); opt = make_refine_optimizer(proj, p)
         t_in = t_step = 0.0
@@ -299,6 +300,6 @@ def bench_refine(profile: Profile | str, steps: int = 5, batch: int | None = Non
             if s: t_in += t1 - t0; t_step += t2 - t1
         res[mode] = dict(inputs_s=t_in / steps, step_s=t_step / steps, img_per_s=B * steps / (t_in + t_step))
         if verbose:
-            print(f"{p.name} {mode:>10}: batch {B}, {dev}, {res['threads']} threads: inputs {1e3 * t_in / steps:.0f} ms, "
-                  f"projector step {1e3 * t_step / steps:.0f} ms, {res[mode]['img_per_s']:.0f} img/s")
+            print(f"{p.name} {mode:>10}: batch {B}: inputs {1e3 * t_in / steps:.0f} ms, "
+                  f"projector step {1e3 * t_step / steps:.0f} ms, {res[mode]['img_per_s']:.0f} img/s [{bench_note(ctx)}]")
     return res

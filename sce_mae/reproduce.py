@@ -14,7 +14,7 @@ from .config import (Profile, ProfileError, load_profile, get_device, load_check
                             cli, writable_dir, check_device, CheckpointError)
 from .pretrain import pretrain, load_frames
 from .refine import refine, file_sha256
-from .evaluate import evaluate_run
+from .evaluate import evaluate_run, _eval_data
 from .synth import _cpu_name
 import matplotlib.pyplot as plt
 from matplotlib.patches import Rectangle
@@ -22,8 +22,9 @@ from matplotlib.patches import Rectangle
 # %% auto #0
 __all__ = ['STAGES', 'REPORT', 'RUN_FILES', 'WIDE_MARGIN', 'Stage', 'stage_state', 'run_status', 'show_pipeline',
            'RunMismatchError', 'profile_diff', 'stored_profile', 'discard_run', 'check_run', 'environment',
-           'read_runlog', 'write_runlog', 'stage_totals', 'paper_point', 'show_training', 'write_report',
-           'weights_sha256', 'run_profile_for', 'reproduce', 'choose_threads', 'set_threads', 'main']
+           'read_runlog', 'write_runlog', 'stage_totals', 'paper_point', 'show_training', 'write_report', 'preflight',
+           'weights_sha256', 'run_profile_for', 'reproduce', 'usable_cores', 'recorded_threads', 'choose_threads',
+           'set_threads', 'main']
 
 # %% ../nbs/15_reproduce.ipynb #0b57a22e
 @dataclass(frozen=True)
@@ -373,6 +374,19 @@ def _report_md(run, prof, env, log, totals, results, results_md, eval_figs) -> s
     return '\n'.join(L)
 
 # %% ../nbs/15_reproduce.ipynb #04fecd92
+def preflight(run, p: Profile, root=None) -> None:
+    """Before the first step: every stage file already in the run loads (a damaged one is named, with what to do), and the
+    evaluation data opens (annotations parsed, images listed), so a broken --root fails now, not after hours of training."""
+    for s in STAGES[:-1]:
+        d = Path(run) / s.folder
+        f = d / s.artefact if (d / s.artefact).is_file() else d / 'checkpoint.pt'
+        if f.is_file():
+            try: load_checkpoint(f)
+            except CheckpointError as e:
+                raise CheckpointError(f"{e}; delete it and rerun: the {s.name} stage is recomputed from its last checkpoint "
+                                      f"(or from the start), and the other stages are kept") from None
+    if stage_state(run, STAGES[-1]) != 'done': _eval_data(p, p.eval_dataset, root, p.seed)
+
 def _banner(i, n, stage_name, msg, say):
     say(f"[{i}/{n}] {stage_name}: {msg}")
 
@@ -413,11 +427,17 @@ def reproduce(profile: Profile | str | None = 'demo', out=None, dataset: str | N
     say = say or (lambda s: print(s, flush=True))
     p = run_profile_for(profile, dataset, eval_dataset, seed)
     run = Path(out) if out is not None else Path('runs') / p.name
-    run.mkdir(parents=True, exist_ok=True)
+    writable_dir(run)
+    if device is not None: check_device(device)
     check_run(run, p, force=force, say=say)
+    preflight(run, p, root)
     if not (run / 'profile.json').is_file(): (run / 'profile.json').write_text(json.dumps(p.to_dict(), indent=1))
     env = environment(device)
     log = read_runlog(run)
+    first = recorded_threads(run)
+    if first is not None and first != torch.get_num_threads():
+        say(f"note: this run started with {first} threads, this invocation uses {torch.get_num_threads()}: "
+            f"its numbers can differ in the last digits from a run that keeps one count (--threads {first})")
     inv = dict(started=_now(), finished=None, status='running', command=command or f"reproduce(profile={p.name!r}, out={str(run)!r})",
                threads=torch.get_num_threads(), load_start=_load(), load_end=None, environment=env, stages={})
     log['invocations'].append(inv)
@@ -488,16 +508,28 @@ def reproduce(profile: Profile | str | None = 'demo', out=None, dataset: str | N
     return md
 
 # %% ../nbs/15_reproduce.ipynb #c538cc92
-def choose_threads(threads: str | int | None = 'auto') -> int | None:
-    "CPU threads for the run: N as given; for 'auto' (or None) 1 if the machine is busy (load average >= usable cores), else None (the libraries' default)."
+def usable_cores() -> int:
+    "The CPU cores this process may run on."
+    try: return len(os.sched_getaffinity(0))
+    except AttributeError: return os.cpu_count() or 1
+
+def recorded_threads(run) -> int | None:
+    "The thread count the run in folder `run` was started with (its first invocation in run.json), if any."
+    f = Path(run) / 'run.json'
+    if not f.is_file(): return None
+    inv = json.loads(f.read_text()).get('invocations', [])
+    return next((i['threads'] for i in inv if isinstance(i.get('threads'), int)), None)
+
+def choose_threads(threads: str | int | None = 'auto', run=None) -> int:
+    """CPU threads for the run: N as given; for 'auto' (or None) the count the run in folder `run` started with, else one
+    per usable core. Never the machine's load: the thread count changes how float sums are split, so it is part of
+    the run's configuration (recorded in run.json), and the same seed with the same count gives the same numbers."""
     if threads not in (None, 'auto'):
-        n = int(threads)
-        if n < 1: raise ValueError(f"--threads must be >= 1 or 'auto'; got {threads!r}")
+        try: n = int(threads)
+        except ValueError: n = 0
+        if n < 1: raise ValueError(f"--threads must be a whole number >= 1 or 'auto'; got {threads!r}")
         return n
-    try: cores = len(os.sched_getaffinity(0))
-    except AttributeError: cores = os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else 0.0
-    return 1 if cores > 1 and load >= cores else None
+    return (recorded_threads(run) if run is not None else None) or usable_cores()
 
 def set_threads(n: int | None):
     "Use n CPU threads in torch and in every OpenMP/BLAS pool (scikit-learn's too); None leaves the defaults. -> the threadpoolctl limiter (keep it alive)."
@@ -507,6 +539,7 @@ def set_threads(n: int | None):
     return threadpool_limits(limits=n)
 
 # %% ../nbs/15_reproduce.ipynb #84c4426f
+@cli('sce-mae-reproduce')
 def main(argv=None):
     "`sce-mae-reproduce`: pretrain, refine (sce, no_cluster, dve), evaluate and write the report; resumable."
     ap = argparse.ArgumentParser(prog='sce-mae-reproduce', description='SCE-MAE end to end: pretrain, refine (the method '
@@ -515,21 +548,14 @@ def main(argv=None):
     add_run_args(ap, dataset="dataset for training and evaluation (default: the profile's)", seed="seed of the run (default: the profile's)")
     ap.add_argument('--eval-dataset', default=None, help="evaluation dataset, if not --dataset (e.g. mafl after celeba)")
     ap.add_argument('--out', default=None, help='run folder (default runs/<profile>)')
-    ap.add_argument('--threads', default='auto', help="CPU threads: N, or auto (default): one per core on a quiet machine, "
-                    "1 when the load average already reaches the core count")
+    ap.add_argument('--threads', default='auto', help="CPU threads: N, or auto (default): the count the run in --out "
+                    "started with, else one per core; recorded in run.json (the same seed and count give the same numbers)")
     ap.add_argument('--force', action='store_true', help='if --out holds a run of another profile, discard it and start afresh')
     ap.add_argument('--no-progress', action='store_true', help='no progress bars (the stage banners remain)')
-    a = ap.parse_args(argv)
-    try: n = choose_threads(a.threads)
-    except ValueError as e: ap.error(str(e))
-    _limiter = set_threads(n)
-    if a.threads == 'auto' and n == 1:
-        print(f"sce-mae-reproduce: the machine is busy (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): "
-              f"using 1 thread (--threads N to choose)", flush=True)
+    a = parse_run_args(ap, argv)
+    run = Path(a.out) if a.out else Path('runs') / run_profile_for(a.profile, a.dataset, a.eval_dataset, a.seed).name
+    _limiter = set_threads(choose_threads(a.threads, run))
     cmd = ' '.join(['sce-mae-reproduce'] + [x if x and ' ' not in x else repr(x) for x in (argv if argv is not None else sys.argv[1:])])
-    try:
-        md = reproduce(a.profile, a.out, dataset=a.dataset, root=a.root, seed=a.seed, device=a.device, force=a.force,
-                       progress=not a.no_progress, eval_dataset=a.eval_dataset, command=cmd)
-    except (RunMismatchError, ProfileError, FileNotFoundError) as e:
-        print(f"sce-mae-reproduce: error: {e}", file=sys.stderr); sys.exit(2)
+    md = reproduce(a.profile, run, dataset=a.dataset, root=a.root, seed=a.seed, device=a.device, force=a.force,
+                   progress=not a.no_progress, eval_dataset=a.eval_dataset, command=cmd)
     print(md)

@@ -31,7 +31,7 @@ def _same(a, b):
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_cli_smoke_run(p, backbone, frames, tmp_path):
+def test_cli_smoke_run(p, backbone, frames, tmp_path, capsys):
     "`sce-mae-refine --profile smoke --backbone mae.pt --out DIR` runs, writes its three files, refuses to overwrite them."
     out = tmp_path / 'cli'
     exe = shutil.which('sce-mae-refine') or str(Path(sys.executable).parent / 'sce-mae-refine')
@@ -46,8 +46,9 @@ def test_cli_smoke_run(p, backbone, frames, tmp_path):
     assert ck['backbone_sha256'] == file_sha256(backbone) and ck['profile'] == p.to_dict()
     mae, proj = load_refined(out / 'refined.pt')
     assert (proj.fc1.in_features, proj.fc2.out_features, proj.training) == (p.embed_dim, p.proj_dim, False)
-    with pytest.raises(FileExistsError, match=r'pass resume=True \(--resume\)'):
+    with pytest.raises(SystemExit) as e:
         main(['--profile', 'smoke', '--backbone', str(backbone), '--out', str(out)])
+    assert e.value.code == 2 and 'pass resume=True (--resume)' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('mode', MODES)
@@ -75,6 +76,9 @@ def test_resume_equals_uninterrupted(p, backbone, frames, tmp_path, mode):
     assert _same(a, b)
     la, lb = (json.loads((tmp_path / x / 'log.json').read_text()) for x in 'ab')
     assert la['steps'] == lb['steps'] and len(la['steps']) == 4
+    with pytest.raises(ValueError, match='is a finished run of another profile'):
+        refine(tiny.replace(tau=0.2), backbone, tmp_path / 'b', mode=mode, frames=fr, resume=True, progress=False)
+    (tmp_path / 'b' / 'refined.pt').unlink()                 # unfinished: the checkpoint is checked
     with pytest.raises(ValueError, match='belongs to another run'):
         refine(tiny.replace(tau=0.2), backbone, tmp_path / 'b', mode=mode, frames=fr, resume=True, progress=False)
 
