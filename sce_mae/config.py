@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_config.ipynb #cc588f49
 from __future__ import annotations
-import argparse, configparser, functools, importlib, io, os, random, sys, time, typing
+import argparse, configparser, contextlib, functools, importlib, io, os, random, sys, time, typing
 from dataclasses import dataclass, fields, asdict, replace as dc_replace
 from pathlib import Path
 import numpy as np
@@ -12,9 +12,10 @@ import torch
 
 # %% auto #0
 __all__ = ['DEFAULT_PROFILE', 'USER_ERRORS', 'Profile', 'ProfileError', 'check_profile', 'settings_path', 'profile_names',
-           'load_profile', 'DeviceError', 'check_device', 'get_device', 'seed_everything', 'add_run_args',
-           'parse_run_args', 'cli', 'data_root', 'cache_dir', 'save_checkpoint', 'CheckpointError', 'load_checkpoint',
-           'clean_leftovers', 'writable_dir', 'matmul_peak', 'bench_context', 'bench_note']
+           'load_profile', 'DeviceError', 'check_device', 'get_device', 'seed_everything', 'set_threads',
+           'threads_limit', 'add_run_args', 'parse_run_args', 'cli', 'data_root', 'cache_dir', 'save_checkpoint',
+           'CheckpointError', 'load_checkpoint', 'clean_leftovers', 'writable_dir', 'matmul_peak', 'bench_context',
+           'bench_note']
 
 # %% ../nbs/00_config.ipynb #09ddaf18
 @dataclass(frozen=True)
@@ -289,6 +290,25 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+# %% ../nbs/00_config.ipynb #9116f0d1
+def set_threads(n: int | None):
+    "Use n CPU threads in torch and in every OpenMP/BLAS pool (scikit-learn's too); None leaves the defaults. -> the threadpoolctl limiter (keep it alive)."
+    if n is None: return None
+    torch.set_num_threads(int(n))
+    from threadpoolctl import threadpool_limits
+    return threadpool_limits(limits=int(n))
+
+@contextlib.contextmanager
+def threads_limit(n: int | None):
+    "Run the block with `n` PyTorch and OpenMP/BLAS threads (None: leave them), restoring the previous setting."
+    if n is None: yield; return
+    from threadpoolctl import threadpool_limits
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        with threadpool_limits(int(n)): yield
+    finally: torch.set_num_threads(old)
 
 # %% ../nbs/00_config.ipynb #71a09ae3
 def add_run_args(ap, profile: str = "run profile of settings.ini (default $SCE_MAE_PROFILE or demo)",

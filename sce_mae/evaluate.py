@@ -6,7 +6,6 @@ annotations and feature quality, for SCE-MAE and every baseline, computed in the
 # %% ../nbs/14_evaluate.ipynb #bb4666e1
 from __future__ import annotations
 import argparse, hashlib, json, math, os, platform, time
-from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
 import torch
@@ -18,7 +17,8 @@ from sklearn.manifold import TSNE              # imported here, not lazily: thre
 from sklearn.metrics import silhouette_score
 from . import __version__
 from .config import (Profile, load_profile, get_device, seed_everything, load_checkpoint, add_run_args,
-                            parse_run_args, cli, writable_dir, CheckpointError, bench_context)
+                            parse_run_args, cli, writable_dir, CheckpointError, bench_context, threads_limit,
+                            set_threads)
 from .datasets import get_dataset
 from .mae import MAE, load_mae, encoder_param_count
 from .refine import load_refined, check_backbone, file_sha256
@@ -31,8 +31,7 @@ __all__ = ['PAPER_SOURCE', 'PAPER_MATCHING', 'PAPER_DETECTION_SETS', 'PAPER_DETE
            'PAPER_COLUMN', 'ROWS', 'FEATURE_ROWS', 'PROJECTOR_ROWS', 'MEAN_SHAPE', 'IN_DOMAIN', 'find_run',
            'run_profile', 'head', 'TokenMemo', 'row_fn', 'limited_seed', 'limited_draws', 'limited_epochs',
            'landmark_descriptors', 'silhouette', 'tsne_embed', 'position_r2', 'results_markdown', 'plot_tsne',
-           'plot_limited', 'threads_limit', 'data_fingerprint', 'cache_key', 'in_domain_split', 'evaluate_run', 'main',
-           'bench_matching']
+           'plot_limited', 'data_fingerprint', 'cache_key', 'in_domain_split', 'evaluate_run', 'main', 'bench_matching']
 
 # %% ../nbs/14_evaluate.ipynb #b1b17172
 PAPER_SOURCE = ("Yin et al., SCE-MAE: Selective Correspondence Enhancement with Masked Autoencoder for "
@@ -327,18 +326,6 @@ def plot_limited(res: dict):
     ax.set_title(f"limited annotations ({res['dataset']}; ours: {lim['repeats']} draws each)", fontsize=9)
     ax.legend(fontsize=7); fig.tight_layout()
     return fig
-
-# %% ../nbs/14_evaluate.ipynb #7a0dde3d
-@contextmanager
-def threads_limit(n: int | None):
-    "Run the block with `n` PyTorch and OpenMP/BLAS threads (None: leave them), restoring the previous setting."
-    if n is None: yield; return
-    from threadpoolctl import threadpool_limits
-    old = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        with threadpool_limits(int(n)): yield
-    finally: torch.set_num_threads(old)
 
 # %% ../nbs/14_evaluate.ipynb #6182f74e
 def data_fingerprint(ds) -> dict:
@@ -655,7 +642,7 @@ def bench_matching(profile: Profile | str = 'deit_tiny', dataset: str = 'mtfl', 
                    progress: bool = False) -> dict:
     "Seconds of one matching run (both matchers) on the first n test frames of `dataset`, random-init MAE of `profile`."
     p = load_profile(profile)
-    if threads: torch.set_num_threads(threads)
+    _limiter = set_threads(threads)
     ctx = bench_context()
     load0, t0 = os.getloadavg(), time.perf_counter()
     ds = get_dataset(dataset, 'test', root, n=n, size=p.img_size, full=True)

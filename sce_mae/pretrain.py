@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.distributed as dist
 from tqdm.auto import tqdm
 from .config import (Profile, load_profile, get_device, seed_everything, save_checkpoint, load_checkpoint,
-                            add_run_args, parse_run_args, cli, writable_dir, bench_context, bench_note, _sync)
+                            add_run_args, parse_run_args, cli, writable_dir, bench_context, bench_note, _sync,
+                            set_threads)
 from .mae import MAE, save_mae, load_mae, reconstruct, show_reconstructions, show_attention, mae_step_gflop
 
 # %% auto #0
@@ -293,7 +294,7 @@ def main(argv=None):
                     help='time STEPS training steps (default 10) against the official MAE step instead of training')
     ap.add_argument('--batch', type=int, default=None, help="--bench: batch size (default: the profile's)")
     a = parse_run_args(ap, argv)
-    if a.threads: torch.set_num_threads(a.threads)
+    set_threads(a.threads)
     if a.bench is not None:
         bench_pretrain(a.profile, steps=a.bench, batch=a.batch, device=a.device)
         return

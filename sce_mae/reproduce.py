@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from .config import (Profile, ProfileError, load_profile, get_device, load_checkpoint, add_run_args, parse_run_args,
-                            cli, writable_dir, check_device, CheckpointError)
+                            cli, writable_dir, check_device, CheckpointError, set_threads)
 from .pretrain import pretrain, load_frames
 from .refine import refine, file_sha256
 from .evaluate import evaluate_run, _eval_data
@@ -24,7 +24,7 @@ __all__ = ['STAGES', 'REPORT', 'RUN_FILES', 'WIDE_MARGIN', 'Stage', 'stage_state
            'RunMismatchError', 'profile_diff', 'stored_profile', 'discard_run', 'check_run', 'environment',
            'read_runlog', 'write_runlog', 'stage_totals', 'paper_point', 'show_training', 'write_report', 'preflight',
            'weights_sha256', 'run_profile_for', 'reproduce', 'usable_cores', 'recorded_threads', 'choose_threads',
-           'set_threads', 'main']
+           'main']
 
 # %% ../nbs/15_reproduce.ipynb #0b57a22e
 @dataclass(frozen=True)
@@ -531,12 +531,7 @@ def choose_threads(threads: str | int | None = 'auto', run=None) -> int:
         return n
     return (recorded_threads(run) if run is not None else None) or usable_cores()
 
-def set_threads(n: int | None):
-    "Use n CPU threads in torch and in every OpenMP/BLAS pool (scikit-learn's too); None leaves the defaults. -> the threadpoolctl limiter (keep it alive)."
-    if n is None: return None
-    torch.set_num_threads(n)
-    from threadpoolctl import threadpool_limits
-    return threadpool_limits(limits=n)
+
 
 # %% ../nbs/15_reproduce.ipynb #84c4426f
 @cli('sce-mae-reproduce')
