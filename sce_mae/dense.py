@@ -60,7 +60,7 @@ def _device(m: nn.Module) -> torch.device:
 class DenseFeatures(nn.Module):
     "A `feat_fn`: [0, 1] images (B, 3, S, S) -> dense maps (B, C, S/stride, S/stride) by cover-and-stride; always in eval mode."
     def __init__(self, mae: MAE, projector: Projector | None = None, stride: int | None = None, which: str | None = None,
-                 l2: bool = True, chunk: int = 256, pad_mode: str = 'replicate', amp: bool = False):
+                 l2: bool = True, chunk: int | None = None, pad_mode: str = 'replicate', amp: bool = False):
         super().__init__()
         self.mae, self.projector = mae, projector
         prof = mae.profile
@@ -70,7 +70,7 @@ class DenseFeatures(nn.Module):
         if self.which not in WHICH: raise ValueError(f"DenseFeatures: which={self.which!r}; choose one of {', '.join(WHICH)}")
         if self.which != 'stage1' and projector is None:
             raise ValueError(f"DenseFeatures: which={self.which!r} needs a projector (a refined.pt; see sce_mae.refine)")
-        self.l2, self.chunk, self.pad_mode, self.amp = l2, int(chunk), pad_mode, amp
+        self.l2, self.chunk, self.pad_mode, self.amp = l2, chunk and int(chunk), pad_mode, amp
         self.eval()
 
     def train(self, mode: bool = True):
@@ -110,7 +110,8 @@ class DenseFeatures(nn.Module):
             raise ValueError(f"DenseFeatures: {len(bad)} image(s) hold NaN or infinite pixels (first: image {bad[0]})")
         B, r, g = len(imgs), self.patch // self.stride, S // self.patch
         x = shifted_copies(imgs.to(_device(self), torch.float32), self.stride, self.patch, self.pad_mode).flatten(0, 1)
-        f = torch.cat([self.token_maps(c) for c in x.split(self.chunk)])                    # (B*r*r, g*g, C)
+        chunk = self.chunk or (256 if x.device.type == 'cuda' else 32)                     # CPU: activations stay in cache
+        f = torch.cat([self.token_maps(c) for c in x.split(chunk)])                         # (B*r*r, g*g, C)
         f = f.reshape(B, r * r, g, g, -1).permute(0, 1, 4, 2, 3)                            # (B, r*r, C, g, g)
         return interleave(f, r)
 
