@@ -177,12 +177,12 @@ def encoder_gflop(profile: Profile | str, images: int = 1, stride: int | None = 
     return images * (p.patch_size // s) ** 2 * per
 
 def bench_dense(mae: MAE, imgs: torch.Tensor, strides=STRIDES, projector=None, which=None, repeats: int = 3,
-                verbose: bool = True) -> dict:
+                chunk: int | None = None, verbose: bool = True) -> dict:
     "Images/s and GFLOP/s of `DenseFeatures` at each stride on `imgs` (best of `repeats` after a warm-up), beside the machine's peak."
     dev = _device(mae); ctx = bench_context(dev)
     res = dict(img_per_s={}, gflop_s={}, pct_peak={}, **ctx)
     for s in strides:
-        df = DenseFeatures(mae, projector, stride=s, which=which)
+        df = DenseFeatures(mae, projector, stride=s, which=which, chunk=chunk)
         x = imgs.to(dev)
         df(x[:2]); best = float('inf')
         for _ in range(repeats):
