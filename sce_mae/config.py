@@ -14,8 +14,8 @@ import torch
 __all__ = ['DEFAULT_PROFILE', 'USER_ERRORS', 'Profile', 'ProfileError', 'check_profile', 'settings_path', 'profile_names',
            'load_profile', 'DeviceError', 'check_device', 'get_device', 'seed_everything', 'set_threads',
            'threads_limit', 'add_run_args', 'parse_run_args', 'cli', 'data_root', 'cache_dir', 'save_checkpoint',
-           'CheckpointError', 'load_checkpoint', 'clean_leftovers', 'writable_dir', 'matmul_peak', 'bench_context',
-           'bench_note']
+           'CheckpointError', 'load_checkpoint', 'file_sha256', 'weights_sha256', 'clean_leftovers', 'writable_dir',
+           'matmul_peak', 'bench_context', 'bench_note']
 
 # %% ../nbs/00_config.ipynb #09ddaf18
 @dataclass(frozen=True)
@@ -400,6 +400,27 @@ def load_checkpoint(path, map_location='cpu') -> dict:
                               f"rerun the step that writes it") from None
     if not isinstance(ck, dict): raise CheckpointError(f"{path} holds a {type(ck).__name__}, not a checkpoint dict")
     return ck
+
+# %% ../nbs/00_config.ipynb #eb6af608
+def file_sha256(path) -> str:
+    "SHA-256 (hex) of a file's bytes: the identity of a backbone checkpoint."
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''): h.update(chunk)
+    return h.hexdigest()
+
+def weights_sha256(path) -> str:
+    "SHA-256 of the weights in a `mae.pt` ('model') or `refined.pt` ('projector'): their values, not the file's bytes."
+    import hashlib
+    ck = load_checkpoint(path)
+    sd = ck.get('projector', ck.get('model'))
+    if not isinstance(sd, dict): raise ValueError(f"{path}: neither a mae.pt nor a refined.pt (keys {sorted(ck)[:8]})")
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().cpu().contiguous()
+        h.update(f'{k}:{t.dtype}:{tuple(t.shape)};'.encode()); h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 # %% ../nbs/00_config.ipynb #174a8128
 def _pid_alive(pid: int) -> bool:

@@ -4,14 +4,14 @@
 
 # %% ../nbs/10_refine.ipynb #58ac72ba
 from __future__ import annotations
-import argparse, hashlib, json, math, os, time
+import argparse, json, math, os, time
 from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .config import (Profile, load_profile, get_device, seed_everything, save_checkpoint, load_checkpoint,
-                            add_run_args, parse_run_args, cli, writable_dir, bench_context, bench_note)
+                            add_run_args, parse_run_args, cli, writable_dir, bench_context, bench_note, file_sha256)
 from .mae import MAE, load_mae
 from .pretrain import (warmup_cosine, adamw, StepLog, load_frames, epoch_order, step_draws, augment,
                               seeded_generator, rng_state, set_rng_state)
@@ -21,8 +21,7 @@ from .tps import tps_pair, map_points
 
 # %% auto #0
 __all__ = ['MODES', 'DVE_POW', 'DVE_SCALE', 'cell_centres', 'stage2_batch', 'show_selection', 'dve_loss', 'refine_loss',
-           'make_refine_optimizer', 'refine_step', 'file_sha256', 'check_backbone', 'refine', 'load_refined', 'main',
-           'bench_refine']
+           'make_refine_optimizer', 'refine_step', 'check_backbone', 'refine', 'load_refined', 'main', 'bench_refine']
 
 # %% ../nbs/10_refine.ipynb #4b0606ea
 MODES = ('sce', 'no_cluster', 'dve')
@@ -133,13 +132,6 @@ def refine_step(projector: nn.Module, opt: torch.optim.Optimizer, batch: dict, l
 
 # %% ../nbs/10_refine.ipynb #d7e2aea3
 _ENC_KEYS = ('img_size', 'patch_size', 'embed_dim', 'depth', 'num_heads', 'mlp_ratio')
-
-def file_sha256(path) -> str:
-    "SHA-256 (hex) of a file's bytes: the identity of a backbone checkpoint."
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''): h.update(chunk)
-    return h.hexdigest()
 
 def check_backbone(mae: MAE, profile: Profile, source='backbone'):
     "Raise if the backbone's encoder is not the one `profile` describes."

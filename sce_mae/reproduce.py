@@ -4,14 +4,14 @@
 
 # %% ../nbs/15_reproduce.ipynb #c5f5960e
 from __future__ import annotations
-import argparse, hashlib, json, os, platform, shutil, subprocess, sys, time
+import argparse, json, os, platform, shutil, subprocess, sys, time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 import numpy as np
 import torch
 from .config import (Profile, ProfileError, load_profile, get_device, load_checkpoint, add_run_args, parse_run_args,
-                            cli, writable_dir, check_device, CheckpointError, set_threads)
+                            cli, writable_dir, check_device, CheckpointError, set_threads, weights_sha256)
 from .pretrain import pretrain, load_frames
 from .refine import refine, file_sha256
 from .evaluate import evaluate_run, _eval_data
@@ -23,8 +23,7 @@ from matplotlib.patches import Rectangle
 __all__ = ['STAGES', 'REPORT', 'RUN_FILES', 'WIDE_MARGIN', 'Stage', 'stage_state', 'run_status', 'show_pipeline',
            'RunMismatchError', 'profile_diff', 'stored_profile', 'discard_run', 'check_run', 'environment',
            'read_runlog', 'write_runlog', 'stage_totals', 'paper_point', 'show_training', 'write_report', 'preflight',
-           'weights_sha256', 'run_profile_for', 'reproduce', 'usable_cores', 'recorded_threads', 'choose_threads',
-           'main']
+           'run_profile_for', 'reproduce', 'usable_cores', 'recorded_threads', 'choose_threads', 'main']
 
 # %% ../nbs/15_reproduce.ipynb #0b57a22e
 @dataclass(frozen=True)
@@ -389,17 +388,6 @@ def preflight(run, p: Profile, root=None) -> None:
 
 def _banner(i, n, stage_name, msg, say):
     say(f"[{i}/{n}] {stage_name}: {msg}")
-
-def weights_sha256(path) -> str:
-    "SHA-256 of the weights in a `mae.pt` ('model') or `refined.pt` ('projector'): their values, not the file's bytes."
-    ck = load_checkpoint(path)
-    sd = ck.get('projector', ck.get('model'))
-    if not isinstance(sd, dict): raise ValueError(f"{path}: neither a mae.pt nor a refined.pt (keys {sorted(ck)[:8]})")
-    h = hashlib.sha256()
-    for k in sorted(sd):
-        t = sd[k].detach().cpu().contiguous()
-        h.update(f'{k}:{t.dtype}:{tuple(t.shape)};'.encode()); h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 def _sha_inputs(run) -> dict:
     "Fingerprints of the weights the evaluation reads (when they change, its results are stale)."
