@@ -13,6 +13,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils._python_dispatch import TorchDispatchMode
 from .split import split_tokens
 from .dpc import dpc_knn
+from .config import load_profile
 
 # %% auto #0
 __all__ = ['grid_positions', 'cluster_proxies', 'carb_select', 'complete_map', 'carb_inputs', 'Projector', 'pca_rgb',
@@ -95,6 +96,12 @@ class Projector(nn.Module):
         if x.shape[-1] != self.fc1.in_features:
             raise ValueError(f"Projector: expected (..., {self.fc1.in_features}) features, got {tuple(x.shape)}")
         return F.normalize(self.fc2(self.act(self.fc1(x))), dim=-1)
+
+    @classmethod
+    def from_profile(cls, profile) -> 'Projector':
+        "The projector of a profile: its backbone's width `embed_dim` to `proj_dim`."
+        p = load_profile(profile)
+        return cls(p.embed_dim, p.proj_dim)
 
 # %% ../nbs/08_carb.ipynb #6f54c519
 def pca_rgb(maps: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,9 @@ from .config import Profile, load_profile, load_checkpoint, save_checkpoint
 
 # %% auto #0
 __all__ = ['MEAN', 'STD', 'patchify', 'unpatchify', 'show_patches', 'sincos_pos_embed', 'random_masking', 'Encoded', 'MAE',
-           'reconstruct', 'show_reconstructions', 'encoder_param_count', 'show_attention', 'WeightLoadError',
-           'save_mae', 'load_vit_state_dict', 'load_mae', 'vit_gflop', 'mae_step_gflop']
+           'mae_deit_tiny', 'mae_deit_small', 'mae_deit_base', 'reconstruct', 'show_reconstructions',
+           'encoder_param_count', 'show_attention', 'WeightLoadError', 'save_mae', 'load_vit_state_dict', 'load_mae',
+           'vit_gflop', 'mae_step_gflop']
 
 # %% ../nbs/04_mae.ipynb #bd33c577
 def patchify(imgs: torch.Tensor, patch: int) -> torch.Tensor:
@@ -108,10 +109,12 @@ class Encoded:
     attn: torch.Tensor | None = None           # (B, N) CLS-to-patch attention of `attn_block`, mean over heads
 
 class MAE(nn.Module):
-    "Masked autoencoder from timm ViT blocks; inputs are [0, 1] images, normalised inside."
-    def __init__(self, profile: Profile | str):
+    """Masked autoencoder from timm ViT blocks; inputs are [0, 1] images, normalised inside.
+    `MAE(profile)`, or keyword arguments for the architecture (`MAE('deit_tiny', depth=6)`, `MAE(embed_dim=64, depth=4, num_heads=2)`:
+    any `Profile` field, over `profile`, by default the `demo` one)."""
+    def __init__(self, profile: Profile | str | None = None, **arch):
         super().__init__()
-        p = self.profile = load_profile(profile)
+        p = self.profile = load_profile(profile, **arch)
         D, Dd, P = p.embed_dim, p.dec_embed_dim, p.patch_size
         if p.img_size % P: raise ValueError(f"MAE: img_size {p.img_size} is not a multiple of patch_size {P}")
         self.patch_embed = PatchEmbed(p.img_size, P, 3, D)
@@ -206,6 +209,24 @@ class MAE(nn.Module):
         latent, mask, ids_restore = self.forward_encoder(imgs, mr, generator, noise)
         pred = self.forward_decoder(latent, ids_restore)
         return self.forward_loss(imgs, pred, mask), pred, mask
+
+# %% ../nbs/04_mae.ipynb #bb996d15
+@patch(cls_method=True)
+def from_profile(cls: MAE, profile: Profile | str, **arch) -> MAE:
+    "The MAE a profile (a `Profile` or a name in settings.ini) describes, with optional architecture overrides."
+    return cls(profile, **arch)
+
+def mae_deit_tiny(**arch) -> MAE:
+    "The paper's DeiT-T backbone: 192 wide, 12 blocks of 3 heads, 8x8 patches of 96x96 crops (5.5 M encoder parameters)."
+    return MAE('deit_tiny', **arch)
+
+def mae_deit_small(**arch) -> MAE:
+    "The paper's DeiT-S backbone: 384 wide, 12 blocks of 6 heads."
+    return MAE('deit_small', **arch)
+
+def mae_deit_base(**arch) -> MAE:
+    "The paper's DeiT-B backbone: 768 wide, 12 blocks of 12 heads."
+    return MAE('deit_base', **arch)
 
 # %% ../nbs/04_mae.ipynb #654a8149
 @torch.no_grad()
