@@ -6,6 +6,7 @@
 # %% ../nbs/02_datasets.ipynb #6d5d0a8d
 from __future__ import annotations
 import argparse, csv, json, math, os, shutil, sys, time, warnings
+from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch
@@ -15,11 +16,12 @@ from tqdm.auto import tqdm
 from .config import data_root, cache_dir, clean_leftovers
 
 # %% auto #0
-__all__ = ['FRAME', 'BORDER', 'CROP', 'MAFL_NAMES', 'DOT_COLOURS', 'W300_DOTS', 'MTFL_ATTRS', 'MTFL_BOX', 'W300_SETS', 'DATASETS',
-           'DataError', 'frame_geometry', 'map_points', 'crop_resize', 'image_tensor', 'input_box', 'FaceDataset',
-           'draw_fixture_image', 'dot_centres', 'CelebA', 'MAFL', 'read_mtfl', 'landmark_box', 'fit_landmark_box',
-           'MTFL', 'AFLW_M', 'AFLW_R', 'read_pts', 'dve_300w_box', 'W300', 'make_fixture', 'cache_name', 'dataset_root',
-           'find_cache', 'get_dataset', 'prepare_cache', 'CachedFaces', 'show_grid', 'main']
+__all__ = ['FRAME', 'BORDER', 'CROP', 'MAFL_NAMES', 'DOT_COLOURS', 'W300_DOTS', 'MTFL_ATTRS', 'MTFL_BOX', 'W300_SETS', 'REGISTRY',
+           'DATASETS', 'DataError', 'frame_geometry', 'map_points', 'crop_resize', 'image_tensor', 'input_box',
+           'FaceDataset', 'draw_fixture_image', 'dot_centres', 'CelebA', 'MAFL', 'read_mtfl', 'landmark_box',
+           'fit_landmark_box', 'MTFL', 'AFLW_M', 'AFLW_R', 'read_pts', 'dve_300w_box', 'W300', 'DatasetSpec',
+           'make_fixture', 'cache_name', 'dataset_root', 'find_cache', 'get_dataset', 'prepare_cache', 'CachedFaces',
+           'show_grid', 'main']
 
 # %% ../nbs/02_datasets.ipynb #f9f04c0d
 FRAME, BORDER, CROP = 136, 20, 96     # DVE / ContrastLandmark frame, trimmed border and input at size 96
@@ -655,25 +657,31 @@ def _fixture_300w(R: Path, n: int, rng):
         savemat(str(R / 'Bounding Boxes' / f'bounding_boxes_{matname}.mat'), {'bounding_boxes': cell})
 
 # %% ../nbs/02_datasets.ipynb #041b6621
-_FIXTURES = {'celeba': ('celeba', _fixture_celeba, 9), 'mafl': ('celeba', _fixture_celeba, 9),
-             'mtfl': ('mtfl', _fixture_mtfl, 6), 'aflw_m': ('mtfl', _fixture_mtfl, 6),
-             'aflw_r': ('aflw_r', _fixture_aflw_r, 6), '300w': ('300w', _fixture_300w, 6)}
+@dataclass(frozen=True)
+class DatasetSpec:
+    "A real dataset, registered once: its name, loader class, folder under the data root, fixture writer and fixture size."
+    name: str
+    loader: type
+    folder: str
+    fixture: object
+    n_fixture: int
+
+REGISTRY = {s.name: s for s in (
+    DatasetSpec('celeba', CelebA, 'celeba', _fixture_celeba, 9), DatasetSpec('mafl', MAFL, 'celeba', _fixture_celeba, 9),
+    DatasetSpec('mtfl', MTFL, 'mtfl', _fixture_mtfl, 6), DatasetSpec('aflw_m', AFLW_M, 'mtfl', _fixture_mtfl, 6),
+    DatasetSpec('aflw_r', AFLW_R, 'aflw_r', _fixture_aflw_r, 6), DatasetSpec('300w', W300, '300w', _fixture_300w, 6))}
 
 def make_fixture(name: str, root, n: int | None = None, seed: int = 0) -> Path:
     "Write a tiny tree in the exact released layout of dataset `name` under `root/<folder>`; returns that folder."
-    if name not in _FIXTURES: raise ValueError(f"no fixture for {name!r}; fixtures: {', '.join(_FIXTURES)}")
-    folder, fn, n0 = _FIXTURES[name]
-    R = Path(root) / folder
+    if name not in REGISTRY: raise ValueError(f"no fixture for {name!r}; fixtures: {', '.join(REGISTRY)}")
+    s = REGISTRY[name]
+    R = Path(root) / s.folder
     R.mkdir(parents=True, exist_ok=True)
-    fn(R, n or n0, np.random.default_rng(seed))
+    s.fixture(R, n or s.n_fixture, np.random.default_rng(seed))
     return R
 
-# %% ../nbs/02_datasets.ipynb #1b07ec14
-_LOADERS = {'celeba': CelebA, 'mafl': MAFL, 'mtfl': MTFL, 'aflw_m': AFLW_M, 'aflw_r': AFLW_R, '300w': W300}
-
 # %% ../nbs/02_datasets.ipynb #6205e2f7
-DATASETS = ('synth', 'celeba', 'mafl', 'mtfl', 'aflw_m', 'aflw_r', '300w')
-_SUBDIRS = {'celeba': 'celeba', 'mafl': 'celeba', 'mtfl': 'mtfl', 'aflw_m': 'mtfl', 'aflw_r': 'aflw_r', '300w': '300w'}
+DATASETS = ('synth', *REGISTRY)
 
 def _check_name(name: str) -> str:
     key = str(name).lower().replace('-', '_')
@@ -690,7 +698,8 @@ def dataset_root(name: str, root=None) -> Path:
     "The folder a real dataset is read from (`root` or `$SCE_MAE_DATA`, descending into the dataset's folder)."
     key = _check_name(name)
     if key == 'synth': raise ValueError('synth is generated, it has no data folder')
-    return _mtfl_dir(root) if _SUBDIRS[key] == 'mtfl' else data_root(root, _SUBDIRS[key])
+    folder = REGISTRY[key].folder
+    return _mtfl_dir(root) if folder == 'mtfl' else data_root(root, folder)
 
 def find_cache(name, split='train', root=None, n=None, size=CROP, full=False, seed=0, where=None):
     "The cache folder that can serve this request, or None: complete (or holding >= n items) and, if `root` is given, made from it."
@@ -719,7 +728,7 @@ def get_dataset(name: str, split: str = 'train', root=None, n: int | None = None
         if n is None: raise ValueError("get_dataset('synth', ...) needs n (SynthFaces has no natural size)")
         from sce_mae.synth import SynthFaces
         return SynthFaces(n, split=split, seed=seed, size=size, full=full)
-    return _LOADERS[key](root=root, split=split, size=size, full=full, n=n)
+    return REGISTRY[key].loader(root=root, split=split, size=size, full=full, n=n)
 
 # %% ../nbs/02_datasets.ipynb #2a176e53
 _CORE = ('img', 'lms', 'eyes', 'index')

@@ -8,7 +8,7 @@ from PIL import Image
 from scipy.io import loadmat
 
 from sce_mae.datasets import (CROP, DATASETS, MTFL_ATTRS, MTFL_BOX, W300_DOTS, AFLW_M, AFLW_R, MAFL, MTFL, W300,
-                              CachedFaces, CelebA, DataError, _FIXTURES, _LOADERS, _face_geometry, crop_resize,
+                              CachedFaces, CelebA, DataError, REGISTRY, _face_geometry, crop_resize,
                               dataset_root, dot_centres, dve_300w_box, find_cache, fit_landmark_box, frame_geometry,
                               get_dataset, input_box, make_fixture, map_points, prepare_cache, read_mtfl, read_pts,
                               show_grid)
@@ -34,7 +34,7 @@ def cache_env(tmp_path, monkeypatch):
 
 def copy_of(fx, tmp_path, name):
     "A private copy of one fixture tree, to break."
-    folder = _FIXTURES[name][0]
+    folder = REGISTRY[name].folder
     shutil.copytree(fx / folder, tmp_path / folder)
     return tmp_path
 
@@ -42,7 +42,7 @@ def copy_of(fx, tmp_path, name):
 def load(name, root, split, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')           # 300W's report of the iBUG entries it leaves out
-        return _LOADERS[name](root, split, **kw)
+        return REGISTRY[name].loader(root, split, **kw)
 
 
 # ---------------------------------------------------------------- geometry primitives
@@ -306,7 +306,7 @@ def test_get_dataset_resolves_roots(fx, monkeypatch, cache_env):
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
             ds = get_dataset(name, split)
-        assert type(ds) is _LOADERS[name] and len(ds) == count
+        assert type(ds) is REGISTRY[name].loader and len(ds) == count
     assert len(get_dataset('mtfl', 'test', n=3)) == 3 and get_dataset('mtfl', root=fx / 'mtfl').root == fx / 'mtfl'
     assert dataset_root('mafl') == fx / 'celeba'
 
