@@ -702,7 +702,7 @@ def dataset_root(name: str, root=None) -> Path:
     return _mtfl_dir(root) if folder == 'mtfl' else data_root(root, folder)
 
 def find_cache(name, split='train', root=None, n=None, size=CROP, full=False, seed=0, where=None):
-    "The cache folder that can serve this request, or None: complete (or holding >= n items) and, if `root` is given, made from it."
+    "The cache folder that can serve this request, or None: complete (or holding >= n items) and made from the data root in use (`root`, else `$SCE_MAE_DATA`), if any."
     d = Path(where) if where is not None else cache_dir() / cache_name(name, split, size, full, seed)
     mf = d / 'meta.json'
     if not mf.is_file(): return None
@@ -710,7 +710,8 @@ def find_cache(name, split='train', root=None, n=None, size=CROP, full=False, se
     if (meta.get('dataset'), meta.get('split'), meta.get('size'), meta.get('full')) != (_check_name(name), split, size, full): return None
     if n is None and not meta.get('complete'): return None
     if n is not None and meta.get('n', 0) < n: return None
-    if root is not None and _check_name(name) != 'synth':
+    root = root if root is not None else os.environ.get('SCE_MAE_DATA')   # the root the loader would read
+    if root and _check_name(name) != 'synth':
         try: src = str(dataset_root(name, root).resolve())
         except FileNotFoundError: return None
         if meta.get('root') != src: return None

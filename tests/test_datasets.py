@@ -460,3 +460,13 @@ def test_prepare_removes_leftovers_of_killed_runs(fx, tmp_path):
     dead.mkdir(parents=True); (dead / 'images.npy').write_bytes(b'partial')
     prepare_cache('mtfl', 'test', fx, out=tmp_path / 'out' / 'mtfl-test-96')
     assert sorted(x.name for x in (tmp_path / 'out').iterdir()) == ['mtfl-test-96']
+
+
+def test_prepared_cache_follows_the_data_root_of_the_environment(fx, tmp_path, monkeypatch, cache_env):
+    prepare_cache('mtfl', 'test', fx, progress=False)
+    other = make_fixture('mtfl', tmp_path / 'other', seed=3).parent      # another tree of other faces
+    monkeypatch.setenv('SCE_MAE_DATA', str(fx))
+    assert isinstance(get_dataset('mtfl', 'test'), CachedFaces)           # made from this root: served
+    monkeypatch.setenv('SCE_MAE_DATA', str(other))
+    ds = get_dataset('mtfl', 'test')                                       # another root: read from it, not the cache
+    assert type(ds) is MTFL and ds.root == other / 'mtfl'
