@@ -8,6 +8,8 @@ import math, time
 import torch
 import matplotlib.pyplot as plt
 from matplotlib.colors import ListedColormap
+from .config import bench_context, bench_note
+
 
 # %% auto #0
 __all__ = ['dpc_knn_reference', 'dpc_quantities', 'dpc_knn', 'check_dpc_agreement', 'tie_cases', 'plot_decision_graph',
@@ -153,10 +155,11 @@ def bench_dpc(batch: int = 64, n: int = 130, dim: int = 192, k: int = 5, n_clust
     ref = [dpc_knn_reference(x[b], k, n_clusters) for b in range(batch)]
     t_plain = time.perf_counter() - t0
     same = all(torch.equal(cr, cb[b].cpu()) and torch.equal(ar, ab[b].cpu()) for b, (cr, ar) in enumerate(ref))
-    r = dict(batch=batch, n=n, dim=dim, k=k, n_clusters=n_clusters, device=str(dev), threads=torch.get_num_threads(),
-             plain_s=t_plain, batched_s=t_batched, speedup=t_plain / t_batched, identical=same)
-    print(f"DPC-KNN on {batch} x {n} tokens x {dim} ch (k={k}, K_c={n_clusters}, {dev}, {r['threads']} threads): "
-          f"plain {t_plain:.3f} s, batched {t_batched * 1e3:.1f} ms, speedup {r['speedup']:.0f}x, identical: {same}")
+    ctx = bench_context(dev)
+    r = dict(batch=batch, n=n, dim=dim, k=k, n_clusters=n_clusters, plain_s=t_plain, batched_s=t_batched,
+             speedup=t_plain / t_batched, identical=same, **ctx)
+    print(f"DPC-KNN on {batch} x {n} tokens x {dim} ch (k={k}, K_c={n_clusters}): plain {t_plain:.3f} s, batched "
+          f"{t_batched * 1e3:.1f} ms, speedup {r['speedup']:.0f}x, identical: {same} [{bench_note(ctx)}]")
     return r
 
 # %% ../nbs/07_dpc.ipynb #c89d036a

@@ -937,9 +937,12 @@ def bench_synth(n: int = 300, size: int = 96, full: bool = False, repeats: int =
             wall.append(n / (time.perf_counter() - t)); cpu.append(n / max(1e-9, time.process_time() - c))
     finally:
         torch.set_num_threads(old)
+    from sce_mae.config import bench_context, threads_limit
+    with threads_limit(1): ctx = bench_context()
     res = dict(images_per_s=max(wall), cpu_images_per_s=max(cpu), size=ds.img_size, n=n, repeats=repeats,
-               cpu=_cpu_name(), nproc=os.cpu_count(), load=os.getloadavg()[0] if hasattr(os, 'getloadavg') else None)
-    load = f", load average {res['load']:.1f}" if res['load'] is not None else ''
+               cpu=_cpu_name(), nproc=os.cpu_count(), load=os.getloadavg()[0] if hasattr(os, 'getloadavg') else None,
+               peak_gflop_s_1thread=ctx['peak_gflop_s'])
+    load = (f", load average {res['load']:.1f}" if res['load'] is not None else '') + f", one-thread matmul peak {ctx['peak_gflop_s']:.0f} GFLOP/s"
     print(f"SynthFaces {ds.img_size}x{ds.img_size}: {res['images_per_s']:.0f} images/s on one core (wall clock, best of "
           f"{repeats} x {n}); {res['cpu_images_per_s']:.0f} images/s of CPU time -- {res['cpu']}, nproc {res['nproc']}{load}")
     return res
