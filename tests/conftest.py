@@ -1,5 +1,5 @@
 "Shared pytest fixtures: the repository root and the real data, which tests skip cleanly without."
-import os
+import configparser, os
 from pathlib import Path
 import pytest
 
@@ -20,3 +20,15 @@ def mtfl_root() -> Path:
     for cand in (p / 'mtfl', p):
         if (cand / 'testing.txt').is_file() and (cand / 'training.txt').is_file(): return cand
     pytest.skip(f'real data: no MTFL (training.txt, testing.txt) under {p}')
+
+
+def write_settings(folder: Path, **profiles) -> Path:
+    "A copy of the kit's settings.ini in `folder` with extra profiles {name: (base profile, {key: value})}, base values first."
+    from sce_mae.config import settings_path
+    cp = configparser.ConfigParser()
+    cp.read(settings_path())
+    for name, (base, values) in profiles.items():
+        cp[name] = {**dict(cp[base]), **{k: str(v) for k, v in values.items()}}
+    f = Path(folder) / 'my-settings.ini'
+    with open(f, 'w') as fh: cp.write(fh)
+    return f

@@ -1,9 +1,10 @@
 "Pretraining: schedule, optimiser groups, exact resume (also after a SIGKILL), DDP on 2 CPU processes = 1 process, the CLI."
-import configparser, json, os, shutil, signal, subprocess, sys, time
+import json, os, shutil, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
 import torch
-from sce_mae.config import load_profile, load_checkpoint, settings_path, seed_everything
+from sce_mae.config import load_profile, load_checkpoint, seed_everything
+from conftest import write_settings
 from sce_mae.mae import MAE, load_mae
 from sce_mae.pretrain import (warmup_cosine, pretrain_lr, param_groups, make_optimizer, pretrain, load_frames, step_draws,
                               epoch_order, augment, bench_pretrain, official_step)
@@ -16,13 +17,7 @@ TINY = dict(n_train=16, embed_dim=32, depth=2, num_heads=2, dec_embed_dim=16, de
 @pytest.fixture(scope='module')
 def settings(tmp_path_factory):
     "A settings.ini with an extra [tiny] profile (smoke's values with TINY's), for the command-line tests."
-    cp = configparser.ConfigParser()
-    cp.read(settings_path())
-    cp['tiny'] = {**dict(cp['smoke']), **{k: str(v) for k, v in TINY.items()}}
-    cp['tiny_long'] = {**dict(cp['tiny']), 'pre_epochs': '30'}
-    f = tmp_path_factory.mktemp('settings') / 'settings.ini'
-    with open(f, 'w') as fh: cp.write(fh)
-    return f
+    return write_settings(tmp_path_factory.mktemp('settings'), tiny=('smoke', TINY), tiny_long=('smoke', {**TINY, 'pre_epochs': 30}))
 
 
 def _env(settings, **kw):

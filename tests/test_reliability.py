@@ -1,10 +1,10 @@
 """What a demanding user runs into, case by case (README, "Reliability"): finished stages are not rewritten, caches are
 keyed by their inputs, bad values are refused early with one line naming file and key, damaged files are named, copied
 runs use their own files, leftovers of killed runs are cleaned, `--settings` works in every command."""
-import configparser, json, os, shutil, subprocess, sys
+import json, os, shutil, subprocess, sys
 from pathlib import Path
 import pytest
-from sce_mae.config import settings_path
+from conftest import write_settings
 from sce_mae.datasets import make_fixture
 from sce_mae.refine import load_refined
 
@@ -35,13 +35,7 @@ def one_line_error(r, tool, *words):
 @pytest.fixture(scope='module')
 def settings(tmp_path_factory):
     "A settings file of its own (not the kit's) with a [tiny] profile: `--settings` is how every command reads it."
-    cp = configparser.ConfigParser()
-    cp.read(settings_path())
-    cp['tiny'] = {**dict(cp['smoke']), **{k: str(v) for k, v in TINY.items()}}
-    cp['bad'] = {**dict(cp['tiny']), 'pre_epochs': '-1'}
-    f = tmp_path_factory.mktemp('settings') / 'my-settings.ini'
-    with open(f, 'w') as fh: cp.write(fh)
-    return f
+    return write_settings(tmp_path_factory.mktemp('settings'), tiny=('smoke', TINY), bad=('smoke', {**TINY, 'pre_epochs': -1}))
 
 
 @pytest.fixture(scope='module')
