@@ -15,7 +15,7 @@ __all__ = ['DEFAULT_PROFILE', 'USER_ERRORS', 'Profile', 'ProfileError', 'check_p
            'load_profile', 'DeviceError', 'check_device', 'get_device', 'seed_everything', 'set_threads',
            'threads_limit', 'add_run_args', 'parse_run_args', 'cli', 'data_root', 'cache_dir', 'save_checkpoint',
            'CheckpointError', 'load_checkpoint', 'file_sha256', 'weights_sha256', 'clean_leftovers', 'writable_dir',
-           'matmul_peak', 'bench_context', 'bench_note']
+           'sync_device', 'matmul_peak', 'bench_context', 'bench_note']
 
 # %% ../nbs/00_config.ipynb #09ddaf18
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ def _rng(lo=None, hi=None, lo_open=False, hi_open=False):
     hi_s = '' if hi is None else f"{'<' if hi_open else '<='} {hi}"
     return ok, ' and '.join(s for s in (lo_s, hi_s) if s)
 
-_POS, _NONNEG, _POSF, _FRAC = _rng(1), _rng(0), _rng(0, lo_open=True), _rng(0, 1)
+_POS, _NONNEG, _POSF = _rng(1), _rng(0), _rng(0, lo_open=True)
 _RANGES = {
     **dict.fromkeys(('img_size', 'frame_size', 'patch_size', 'embed_dim', 'depth', 'num_heads', 'dec_embed_dim',
                      'dec_depth', 'dec_num_heads', 'pre_epochs', 'pre_batch', 'k_c', 'dpc_k', 'proj_dim', 'ref_epochs',
@@ -454,7 +454,8 @@ def writable_dir(folder) -> Path:
     return folder
 
 # %% ../nbs/00_config.ipynb #662217cf
-def _sync(dev: torch.device):
+def sync_device(dev: torch.device):
+    "Wait for the device's queued work (a no-op on a CPU): what a timer needs around the timed work."
     if dev.type == 'cuda': torch.cuda.synchronize(dev)
 
 def matmul_peak(device=None, n: int | None = None, reps: int = 5) -> float:
@@ -466,7 +467,7 @@ def matmul_peak(device=None, n: int | None = None, reps: int = 5) -> float:
     best = float('inf')
     with torch.inference_mode():
         for i in range(reps + 1):
-            _sync(dev); t0 = time.perf_counter(); a @ b; _sync(dev)
+            sync_device(dev); t0 = time.perf_counter(); a @ b; sync_device(dev)
             if i: best = min(best, time.perf_counter() - t0)     # the first product warms the kernels up
     return 2 * n ** 3 / best / 1e9
 

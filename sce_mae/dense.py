@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .config import Profile, load_profile, get_device, load_checkpoint, bench_context, bench_note, _sync
+from .config import Profile, load_profile, get_device, load_checkpoint, bench_context, bench_note, sync_device
 from .mae import MAE, load_mae, vit_gflop
 from .carb import Projector
 from .refine import load_refined
@@ -186,7 +186,7 @@ def bench_dense(mae: MAE, imgs: torch.Tensor, strides=STRIDES, projector=None, w
         x = imgs.to(dev)
         df(x[:2]); best = float('inf')
         for _ in range(repeats):
-            _sync(dev); t0 = time.perf_counter(); df(x); _sync(dev); best = min(best, time.perf_counter() - t0)
+            sync_device(dev); t0 = time.perf_counter(); df(x); sync_device(dev); best = min(best, time.perf_counter() - t0)
         res['img_per_s'][s] = len(x) / best
         res['gflop_s'][s] = encoder_gflop(mae.profile, len(x), s) / best
         res['pct_peak'][s] = 100 * res['gflop_s'][s] / ctx['peak_gflop_s']

@@ -8,7 +8,7 @@ import math, time
 import torch
 import matplotlib.pyplot as plt
 from matplotlib.colors import ListedColormap
-from .config import bench_context, bench_note
+from .config import bench_context, bench_note, sync_device
 
 
 # %% auto #0
@@ -146,10 +146,9 @@ def bench_dpc(batch: int = 64, n: int = 130, dim: int = 192, k: int = 5, n_clust
     dev = torch.device(device) if device is not None else x.device
     xd = x.to(dev)
     dpc_knn(xd[:2], k, n_clusters)                                   # warm-up
-    if dev.type == 'cuda': torch.cuda.synchronize(dev)
-    t0 = time.perf_counter()
+    sync_device(dev); t0 = time.perf_counter()
     cb, ab = dpc_knn(xd, k, n_clusters)
-    if dev.type == 'cuda': torch.cuda.synchronize(dev)
+    sync_device(dev)
     t_batched = time.perf_counter() - t0
     t0 = time.perf_counter()
     ref = [dpc_knn_reference(x[b], k, n_clusters) for b in range(batch)]

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.distributed as dist
 from tqdm.auto import tqdm
 from .config import (Profile, load_profile, get_device, seed_everything, save_checkpoint, load_checkpoint,
-                            add_run_args, parse_run_args, cli, writable_dir, bench_context, bench_note, _sync,
+                            add_run_args, parse_run_args, cli, writable_dir, bench_context, bench_note, sync_device,
                             set_threads)
 from .mae import MAE, save_mae, load_mae, reconstruct, show_reconstructions, show_attention, mae_step_gflop
 
@@ -332,9 +332,9 @@ def bench_pretrain(profile: Profile | str, steps: int = 10, batch: int | None = 
     times = {k: 0.0 for k in steps_of}
     per = max(1, steps // rounds)
     def go(k, n, timed):
-        _sync(dev); t0 = time.perf_counter()
+        sync_device(dev); t0 = time.perf_counter()
         for s in range(n): loss = steps_of[k](s)
-        loss.item(); _sync(dev)
+        loss.item(); sync_device(dev)
         if timed: times[k] += time.perf_counter() - t0
     for k in steps_of: go(k, warmup, False)
     for r in range(rounds):

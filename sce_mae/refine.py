@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .config import (Profile, load_profile, get_device, seed_everything, save_checkpoint, load_checkpoint,
-                            add_run_args, parse_run_args, cli, writable_dir, bench_context, bench_note, file_sha256)
+                            add_run_args, parse_run_args, cli, writable_dir, bench_context, bench_note, file_sha256,
+                            sync_device)
 from .mae import MAE, load_mae
 from .pretrain import (warmup_cosine, adamw, StepLog, load_frames, epoch_order, step_draws, augment,
                               seeded_generator, rng_state, set_rng_state)
@@ -276,7 +277,6 @@ def bench_refine(profile: Profile | str, steps: int = 5, batch: int | None = Non
     frames = torch.randint(0, 256, (B, 3, p.frame_size, p.frame_size), generator=g, dtype=torch.uint8).to(dev)
     seed_everything(seed)
     mae = MAE(p).to(dev).eval().requires_grad_(False)
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == 'cuda' else (lambda: None)
     ctx = bench_context(dev)
     res = dict(profile=p.name, batch=B, steps=steps, **ctx)
     for mode in modes:
@@ -284,11 +284,11 @@ def bench_refine(profile: Profile | str, steps: int = 5, batch: int | None = Non
         t_in = t_step = 0.0
         for s in range(steps + 1):                                   # step 0 warms up
             d = step_draws(seed, 0, s, B, p)
-            sync(); t0 = time.perf_counter()
+            sync_device(dev); t0 = time.perf_counter()
             batch = stage2_batch(mae, augment(frames, d['off'], d['fac'], p.img_size), p, mode, pair_seed=s)
-            sync(); t1 = time.perf_counter()
+            sync_device(dev); t1 = time.perf_counter()
             refine_step(proj, opt, batch, p.ref_lr, p).item()
-            sync(); t2 = time.perf_counter()
+            sync_device(dev); t2 = time.perf_counter()
             if s: t_in += t1 - t0; t_step += t2 - t1
         res[mode] = dict(inputs_s=t_in / steps, step_s=t_step / steps, img_per_s=B * steps / (t_in + t_step))
         if verbose:
