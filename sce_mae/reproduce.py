@@ -503,10 +503,7 @@ def usable_cores() -> int:
 
 def recorded_threads(run) -> int | None:
     "The thread count the run in folder `run` was started with (its first invocation in run.json), if any."
-    f = Path(run) / 'run.json'
-    if not f.is_file(): return None
-    inv = json.loads(f.read_text()).get('invocations', [])
-    return next((i['threads'] for i in inv if isinstance(i.get('threads'), int)), None)
+    return next((i['threads'] for i in read_runlog(run)['invocations'] if isinstance(i.get('threads'), int)), None)
 
 def choose_threads(threads: str | int | None = 'auto', run=None) -> int:
     """CPU threads for the run: N as given; for 'auto' (or None) the count the run in folder `run` started with, else one
