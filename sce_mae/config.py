@@ -14,8 +14,8 @@ import torch
 __all__ = ['DEFAULT_PROFILE', 'USER_ERRORS', 'Profile', 'ProfileError', 'check_profile', 'settings_path', 'profile_names',
            'load_profile', 'DeviceError', 'check_device', 'get_device', 'seed_everything', 'set_threads',
            'threads_limit', 'add_run_args', 'parse_run_args', 'cli', 'data_root', 'cache_dir', 'save_checkpoint',
-           'CheckpointError', 'load_checkpoint', 'file_sha256', 'weights_sha256', 'clean_leftovers', 'writable_dir',
-           'sync_device', 'matmul_peak', 'bench_context', 'bench_note']
+           'CheckpointError', 'load_checkpoint', 'finished_run', 'file_sha256', 'weights_sha256', 'clean_leftovers',
+           'writable_dir', 'sync_device', 'matmul_peak', 'bench_context', 'bench_note']
 
 # %% ../nbs/00_config.ipynb #09ddaf18
 @dataclass(frozen=True)
@@ -400,6 +400,16 @@ def load_checkpoint(path, map_location='cpu') -> dict:
                               f"rerun the step that writes it") from None
     if not isinstance(ck, dict): raise CheckpointError(f"{path} holds a {type(ck).__name__}, not a checkpoint dict")
     return ck
+
+def finished_run(path, progress: bool = True, **identity) -> bool:
+    "Whether a run's final file `path` exists; if it does, it must hold `identity` (`profile=..., seed=...`), and it is left as it is."
+    path = Path(path)
+    if not path.is_file(): return False
+    fin = load_checkpoint(path)
+    other = [k for k, v in identity.items() if fin.get(k) != v]
+    if other: raise ValueError(f"{path} is a finished run of another {', '.join(other)}: choose another out folder")
+    if progress: print(f"{path} is finished already: left as it is")
+    return True
 
 # %% ../nbs/00_config.ipynb #eb6af608
 def file_sha256(path) -> str:

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 from .config import (Profile, load_profile, get_device, seed_everything, save_checkpoint, load_checkpoint,
                             add_run_args, parse_run_args, cli, writable_dir, bench_context, bench_note, sync_device,
-                            set_threads)
+                            set_threads, finished_run)
 from .mae import MAE, save_mae, load_mae, reconstruct, show_reconstructions, show_attention, mae_step_gflop
 
 # %% auto #0
@@ -180,12 +180,7 @@ def pretrain(profile: Profile | str, out, dataset: str | None = None, root=None,
     out = Path(out); ck_path = out / 'checkpoint.pt'
     if ck_path.exists() and not resume:
         raise FileExistsError(f"{ck_path} exists: pass resume=True (--resume) to continue that run, or choose another out folder")
-    if resume and (out / 'mae.pt').is_file():                 # a finished run: nothing to resume, and its file stays as it is
-        fin = load_checkpoint(out / 'mae.pt')
-        if fin.get('profile') != p.to_dict() or fin.get('seed') != seed:
-            raise ValueError(f"{out / 'mae.pt'} is a finished run of another profile or seed: choose another out folder")
-        if progress: print(f"{out / 'mae.pt'} is finished already: left as it is")
-        return out / 'mae.pt'
+    if resume and finished_run(out / 'mae.pt', progress, profile=p.to_dict(), seed=seed): return out / 'mae.pt'
     world, rank, dev, started = _dist_setup(device)
     if rank == 0: writable_dir(out)
     try:

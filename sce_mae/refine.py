@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .config import (Profile, load_profile, get_device, seed_everything, save_checkpoint, load_checkpoint,
                             add_run_args, parse_run_args, cli, writable_dir, bench_context, bench_note, file_sha256,
-                            sync_device)
+                            sync_device, finished_run)
 from .mae import MAE, load_mae
 from .pretrain import (warmup_cosine, adamw, StepLog, load_frames, epoch_order, step_draws, augment,
                               seeded_generator, rng_state, set_rng_state)
@@ -167,11 +167,7 @@ def refine(profile: Profile | str, backbone, out, dataset: str | None = None, ro
     mae = load_mae(backbone)
     check_backbone(mae, p, source=str(backbone))
     sha = file_sha256(backbone)
-    if resume and (out / 'refined.pt').is_file():             # a finished run: nothing to resume, and its file stays as it is
-        fin = load_checkpoint(out / 'refined.pt')
-        if (fin.get('profile'), fin.get('seed'), fin.get('mode'), fin.get('backbone_sha256')) != (p.to_dict(), seed, mode, sha):
-            raise ValueError(f"{out / 'refined.pt'} is a finished run of another profile, seed, mode or backbone: choose another out folder")
-        if progress: print(f"{out / 'refined.pt'} is finished already: left as it is")
+    if resume and finished_run(out / 'refined.pt', progress, profile=p.to_dict(), seed=seed, mode=mode, backbone_sha256=sha):
         return out / 'refined.pt'
     writable_dir(out)
     mae = mae.to(dev).eval().requires_grad_(False)
