@@ -48,49 +48,6 @@ def variants(a):
         MAE._embed = _embed
     if a.rope: _rope(a.rope)
     if a.target == 'hog': _hog()
-    if a.lcr_views: _two_view_lcr(a.lcr_views, a.lcr_views_selected)
-
-
-def _two_view_lcr(shift: int, selected: bool = False):
-    """Stage 2 ('sce') on two crops of each frame, the second shifted by up to `shift` px: LCR between the selected tokens
-    of crop A and every token of crop B, with f_loc in frame coordinates, so that a position code (which answers the
-    same cell of the crop) is penalised and the projector must match content. Patches `sce_mae.refine` in this process."""
-    from sce_mae import refine as R
-    from sce_mae.carb import grid_positions
-    from sce_mae.pretrain import augment as _augment, seeded_generator
-    st, base_batch, base_loss = {}, R.stage2_batch, R.refine_loss
-    def augment(frames, off, fac, size):
-        st.update(frames=frames, off=off, fac=fac, size=size)
-        return _augment(frames, off, fac, size)
-    def stage2_batch(mae, imgs, profile, mode='sce', pair_seed=None):
-        b = base_batch(mae, imgs, profile, mode, pair_seed)
-        if mode != 'sce': return b
-        p, B = profile, len(imgs)
-        g = seeded_generator(int(pair_seed), 7)
-        m = p.frame_size - p.img_size
-        off_b = (torch.randint(0, m + 1, (B, 2), generator=g) if shift < 0 else          # shift < 0: an independent crop
-                 (st['off'] + torch.randint(-shift, shift + 1, (B, 2), generator=g)).clamp(0, m))
-        imgs_b = _augment(st['frames'], off_b, st['fac'], st['size'])
-        pos_a = b['pos'] + st['off'][:, None].float() / p.patch_size                    # off is (y, x) in px
-        if selected:                                   # view B's own selected set: attentive tokens and proxies
-            bb = base_batch(mae, imgs_b, profile, mode, pair_seed)
-            b.update(tok_b=bb['sel'], pos_a=pos_a, pos_b=bb['pos'] + off_b[:, None].float() / p.patch_size, att_b=bb['is_att'])
-            return b
-        with torch.no_grad(): tok_b = mae.encode(imgs_b).tokens.float()
-        cells = grid_positions(torch.arange(tok_b.shape[1]), p.grid)                   # (N, 2) (row, col), patch units
-        b.update(tok_b=tok_b, pos_a=pos_a, pos_b=cells[None] + off_b[:, None].float() / p.patch_size)
-        return b
-    def refine_loss(projector, batch, profile):
-        if 'tok_b' not in batch: return base_loss(projector, batch, profile)
-        fa, fb = projector(batch['sel']), projector(batch['tok_b'])
-        prob = (fa @ fb.transpose(1, 2) / profile.tau).softmax(-1)                       # p(j in B | i in A)
-        d = (batch['pos_a'][:, :, None] - batch['pos_b'][:, None]).pow(2).sum(-1).sqrt()
-        if 'att_b' in batch:
-            a, b_ = batch['is_att'][:, :, None], batch['att_b'][:, None]
-            lam = torch.where(a & b_, profile.lambda_aa, torch.where(a ^ b_, profile.lambda_ap, profile.lambda_pp))
-        else: lam = torch.where(batch['is_att'], profile.lambda_aa, profile.lambda_pp)[:, :, None]
-        return (lam * torch.log(d + 1) * prob).sum(-1).mean()
-    R.augment, R.stage2_batch, R.refine_loss = augment, stage2_batch, refine_loss
 
 
 def _rope(base: float):
@@ -216,7 +173,7 @@ def stage1(a, p, views, out):
 
 def stage2(a, p, views, out):
     mae = load_mae(a.name)
-    res = dict(kind='stage2', mae=a.name, set=a.kw, variants=dict(enc_pos=a.enc_pos, rope=a.rope, target=a.target, lcr_views=a.lcr_views, lcr_views_selected=a.lcr_views_selected), data=a.data,
+    res = dict(kind='stage2', mae=a.name, set=a.kw, variants=dict(enc_pos=a.enc_pos, rope=a.rope, target=a.target), lcr='two crops', data=a.data,
                same_location=_same_loc(views), date=time.strftime('%Y-%m-%d'), raw=match_row(DenseFeatures(mae, None, stride=4), views))
     print('raw', json.dumps(res['raw']), flush=True)
     frames = load_frames(p, root=a.root, progress=False)
@@ -233,8 +190,9 @@ def _same_loc(views) -> float:
 
 
 def collect(folder) -> list[dict]:
-    "Every res.json under a study folder, stage-1 trials first, by name."
-    rs = [json.loads(f.read_text()) | {'folder': f.parent.name} for f in sorted(Path(folder).glob('*/res.json'))]
+    "Every res.json of a study folder and of its groups (GROUP/NAME), stage-1 trials first, by name."
+    fs = sorted(Path(folder).glob('*/res.json')) + sorted(Path(folder).glob('*/*/res.json'))   # trials, then trial groups
+    rs = [json.loads(f.read_text()) | {'folder': f.parent.relative_to(folder).as_posix()} for f in fs]
     return sorted(rs, key=lambda r: (r['kind'] != 'stage1', r['folder']))
 
 
@@ -256,7 +214,8 @@ def plot_scaling(results: list[dict], curves: dict, title: str = 'stage-1 image 
             if s2:
                 spe = ev[0]['presentations'] // ev[0]['epoch']
                 s2.sort(key=lambda t: t[0])
-                ax.plot([spe * e for e, _ in s2], [x['sce']['different'] for _, x in s2], 's--', ms=4, label=f'SCE-MAE: {name}')
+                lcr = s2[0][1].get('lcr', 'one crop')
+                ax.plot([spe * e for e, _ in s2], [x['sce']['different'] for _, x in s2], 's--', ms=4, label=f'SCE-MAE ({lcr}): {name}')
         if sl is not None:
             ax.axhline(sl, color='k', ls=':', lw=1, label=f'same-location ({sl:.2f})')
             ax.axhline(0.7 * sl, color='gray', ls='--', lw=0.8, label='30 % below same-location')
@@ -282,8 +241,6 @@ def main(argv=None):
     ap.add_argument('--modes', default='sce', help='stage2: refine modes')
     ap.add_argument('--enc-pos', type=float, default=1.0); ap.add_argument('--rope', type=float, default=0.0)
     ap.add_argument('--target', default='pix', choices=('pix', 'hog'))
-    ap.add_argument('--lcr-views', type=int, default=0, help='stage2: LCR across two crops shifted by up to this many px (-1: two independent crops)')
-    ap.add_argument('--lcr-views-selected', action='store_true', help="--lcr-views: against view B's selected set, not all its tokens")
     a = ap.parse_args(argv)
     if a.what == 'report':
         res = collect(a.name)

@@ -18,6 +18,8 @@ __all__ = ['DEFAULT_PROFILE', 'USER_ERRORS', 'Profile', 'ProfileError', 'check_p
            'writable_dir', 'sync_device', 'matmul_peak', 'bench_context', 'bench_note']
 
 # %% ../nbs/00_config.ipynb #09ddaf18
+_ADDED = {'backbone': 'scratch'}   # keys added since the first release, with the value older files meant
+
 @dataclass(frozen=True)
 class Profile:
     "Every hyperparameter of one run size, as typed values (a section of `settings.ini`)."
@@ -50,6 +52,8 @@ class Profile:
     pre_weight_decay: float
     pre_beta1: float
     pre_beta2: float
+    # where stage 1 comes from: 'scratch' (train it in the run) or a backbone shipped with the kit ('course')
+    backbone: str
     # stage 2: split, clustering, CARB, LCR
     split_block: int
     eta: float
@@ -107,7 +111,7 @@ class Profile:
     @classmethod
     def from_dict(cls, d: dict) -> Profile:
         "Inverse of `to_dict`, with the same checks."
-        return _build(d.get('name', '?'), dict(d), where='Profile.from_dict')
+        return _build(d.get('name', '?'), {**_ADDED, **d}, where='Profile.from_dict')
 
     def __str__(self):
         w = max(len(f.name) for f in fields(self))

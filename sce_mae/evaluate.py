@@ -654,11 +654,11 @@ def bench_matching(profile: Profile | str = 'deit_tiny', dataset: str = 'mtfl', 
                       progress=progress)
     s = r['seconds']
     n_feat = 3 * len(views['pairs'])
+    gflop = encoder_gflop(p, n_feat, stride)
     return dict(profile=p.name, dataset=dataset, n_images=views['n'], stride=stride, threads=torch.get_num_threads(),
                 encoder_params_m=encoder_param_count(mae) / 1e6, load_average_before=list(load0),
                 load_average_after=list(os.getloadavg()), data_and_views_s=t_views, features_s=s['features'],
                 match_s=s['match'], matching_total_s=s['total'], total_s=t_views + s['total'],
                 feature_images=n_feat, feature_img_per_s=n_feat / s['features'],
-                tflop=encoder_gflop(p, n_feat, stride) / 1e3, gflop_per_s=encoder_gflop(p, n_feat, stride) / s['features'],
-                pct_peak=100 * encoder_gflop(p, n_feat, stride) / s['features'] / ctx['peak_gflop_s'],
+                tflop=gflop / 1e3, gflop_per_s=gflop / s['features'], pct_peak=100 * gflop / s['features'] / ctx['peak_gflop_s'],
                 peak_gflop_s=ctx['peak_gflop_s'], paper_same=r['paper']['same'], paper_different=r['paper']['different'])

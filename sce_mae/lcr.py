@@ -11,32 +11,44 @@ import matplotlib.pyplot as plt
 __all__ = ['lcr_pair_weights', 'lcr_loss', 'lcr_from_profile', 'plot_lcr_weights']
 
 # %% ../nbs/09_lcr.ipynb #eaba9c56
-def lcr_pair_weights(pos: torch.Tensor, is_att: torch.Tensor, lambdas=(5.0, 5.0, 2.0)) -> torch.Tensor:
-    "lambda(i,j) * f_loc(i,j) (B,T,T) for positions `pos` (B,T,2) in patch units and the attentive mask `is_att` (B,T)."
-    if pos.dim() != 3 or pos.shape[-1] != 2: raise ValueError(f"LCR: pos must be (B, T, 2), got {tuple(pos.shape)}")
+def _check_set(pos: torch.Tensor, is_att: torch.Tensor, what: str = 'pos'):
+    if pos.dim() != 3 or pos.shape[-1] != 2: raise ValueError(f"LCR: {what} must be (B, T, 2), got {tuple(pos.shape)}")
     if is_att.shape != pos.shape[:2] or is_att.dtype != torch.bool:
-        raise ValueError(f"LCR: is_att must be a (B, T) = {tuple(pos.shape[:2])} bool tensor, got {tuple(is_att.shape)} {is_att.dtype}")
+        raise ValueError(f"LCR: the attentive mask of {what} must be a (B, T) = {tuple(pos.shape[:2])} bool tensor, "
+                         f"got {tuple(is_att.shape)} {is_att.dtype}")
+
+def lcr_pair_weights(pos: torch.Tensor, is_att: torch.Tensor, lambdas=(5.0, 5.0, 2.0),
+                     pos_b: torch.Tensor | None = None, is_att_b: torch.Tensor | None = None) -> torch.Tensor:
+    """lambda(i,j) * f_loc(i,j) (B,T,T') between a set at `pos` (B,T,2) (patch units) with attentive mask `is_att` (B,T)
+    and a second set `pos_b`, `is_att_b` (B,T',2), (B,T') (default: the same set)."""
+    if pos_b is None: pos_b, is_att_b = pos, is_att
+    _check_set(pos, is_att); _check_set(pos_b, is_att_b, 'pos_b')
     if len(lambdas) != 3: raise ValueError(f"LCR: lambdas must be (aa, ap, pp), got {lambdas}")
     aa, ap, pp = (float(v) for v in lambdas)
-    pos = pos.detach()
-    dist = (pos[:, :, None, :] - pos[:, None, :, :]).pow(2).sum(-1).sqrt()                 # (B,T,T)
+    dist = (pos.detach()[:, :, None, :] - pos_b.detach()[:, None, :, :]).pow(2).sum(-1).sqrt()     # (B,T,T')
     f_loc = torch.log(dist + 1)
-    both, one = is_att[:, :, None] & is_att[:, None, :], is_att[:, :, None] ^ is_att[:, None, :]
-    lam = torch.where(both, aa, torch.where(one, ap, pp)).to(f_loc.dtype)
+    a, b = is_att[:, :, None], is_att_b[:, None, :]
+    lam = torch.where(a & b, aa, torch.where(a ^ b, ap, pp)).to(f_loc.dtype)
     return lam * f_loc
 
-def lcr_loss(phi: torch.Tensor, pos: torch.Tensor, is_att: torch.Tensor, tau: float, lambdas=(5.0, 5.0, 2.0)) -> torch.Tensor:
-    "The LCR loss (scalar) of projected features `phi` (B,T,d) at positions `pos` (B,T,2), attentive mask `is_att` (B,T)."
-    if phi.dim() != 3 or phi.shape[:2] != pos.shape[:2]:
-        raise ValueError(f"LCR: phi must be (B, T, d) with (B, T) = {tuple(pos.shape[:2])}, got {tuple(phi.shape)}")
+# %% ../nbs/09_lcr.ipynb #3dfc827e
+def lcr_loss(phi: torch.Tensor, pos: torch.Tensor, is_att: torch.Tensor, tau: float, lambdas=(5.0, 5.0, 2.0),
+             other: tuple | None = None) -> torch.Tensor:
+    """The LCR loss (scalar) of projected features `phi` (B,T,d) at positions `pos` (B,T,2), attentive mask `is_att` (B,T):
+    p(j | i) over the same set, or over the set `other` = (phi_b, pos_b, is_att_b) of a second view (positions in
+    one frame of reference for both)."""
+    phi_b, pos_b, is_att_b = other if other is not None else (phi, pos, is_att)
+    for f, q, w in ((phi, pos, 'phi'), (phi_b, pos_b, 'phi_b')):
+        if f.dim() != 3 or f.shape[:2] != q.shape[:2]:
+            raise ValueError(f"LCR: {w} must be (B, T, d) with (B, T) = {tuple(q.shape[:2])}, got {tuple(f.shape)}")
     if not tau > 0: raise ValueError(f"LCR: tau = {tau} must be > 0")
-    w = lcr_pair_weights(pos.to(phi.dtype), is_att, lambdas)          # weights in phi's precision
-    p = (phi @ phi.transpose(1, 2) / tau).softmax(-1)                                      # p[b, i, j] = p(j | i)
+    w = lcr_pair_weights(pos.to(phi.dtype), is_att, lambdas, pos_b.to(phi.dtype), is_att_b)   # in phi's precision
+    p = (phi @ phi_b.transpose(1, 2) / tau).softmax(-1)                                    # p[b, i, j] = p(j | i)
     return (w * p).sum((1, 2)).div(phi.shape[1]).mean()
 
-def lcr_from_profile(phi: torch.Tensor, pos: torch.Tensor, is_att: torch.Tensor, profile) -> torch.Tensor:
+def lcr_from_profile(phi: torch.Tensor, pos: torch.Tensor, is_att: torch.Tensor, profile, other: tuple | None = None) -> torch.Tensor:
     "`lcr_loss` with tau and the lambdas of a profile."
-    return lcr_loss(phi, pos, is_att, profile.tau, (profile.lambda_aa, profile.lambda_ap, profile.lambda_pp))
+    return lcr_loss(phi, pos, is_att, profile.tau, (profile.lambda_aa, profile.lambda_ap, profile.lambda_pp), other)
 
 # %% ../nbs/09_lcr.ipynb #1a0377c1
 def plot_lcr_weights(pos: torch.Tensor, is_att: torch.Tensor, lambdas, grid: int = 12):

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_pretrain.ipynb #029e88de
 from __future__ import annotations
-import argparse, json, math, os, sys, time, warnings
+import argparse, importlib.resources, json, math, os, shutil, sys, time, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -12,14 +12,15 @@ import torch.nn as nn
 import torch.distributed as dist
 from tqdm.auto import tqdm
 from .config import (Profile, load_profile, get_device, seed_everything, save_checkpoint, load_checkpoint,
-                            add_run_args, parse_run_args, cli, writable_dir, bench_context, bench_note, sync_device,
+                            add_run_args, parse_run_args, cli, writable_dir, bench_context, bench_note, sync_device, file_sha256,
                             set_threads, finished_run)
 from .mae import MAE, save_mae, load_mae, reconstruct, show_reconstructions, show_attention, mae_step_gflop
 
 # %% auto #0
 __all__ = ['warmup_cosine', 'pretrain_lr', 'param_groups', 'adamw', 'make_optimizer', 'load_frames', 'seeded_generator',
            'epoch_order', 'step_draws', 'augment', 'train_step', 'rng_state', 'set_rng_state', 'StepLog', 'pretrain',
-           'plot_loss', 'show_recon_progress', 'main', 'official_step', 'bench_pretrain']
+           'plot_loss', 'show_recon_progress', 'main', 'official_step', 'bench_pretrain', 'BackboneError',
+           'backbones_dir', 'shipped_backbones', 'shipped_backbone', 'install_backbone']
 
 # %% ../nbs/05_pretrain.ipynb #b255262e
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float = 0.0) -> float:
@@ -342,3 +343,41 @@ def bench_pretrain(profile: Profile | str, steps: int = 10, batch: int | None = 
         print(f"{p.name}: batch {B}, {per * rounds} steps: ours {res['ours']:.1f} img/s, official step {res['official']:.1f} "
               f"img/s, ratio {res['ratio']:.2f} [{bench_note(ctx, gf)}]")
     return res
+
+# %% ../nbs/05_pretrain.ipynb #6adc2d22
+class BackboneError(ValueError):
+    "A shipped backbone that is unknown, missing, or does not match its recorded SHA-256."
+
+def backbones_dir() -> Path:
+    "The folder of the backbones shipped with the kit (inside the package)."
+    return Path(str(importlib.resources.files('sce_mae'))) / 'backbones'
+
+def shipped_backbones(root=None) -> list[str]:
+    "Names of the backbones shipped with the kit (or found in folder `root`)."
+    d = Path(root) if root else backbones_dir()
+    return sorted(f.name for f in d.iterdir() if (f / 'SHA256SUMS').is_file()) if d.is_dir() else []
+
+# %% ../nbs/05_pretrain.ipynb #44bedaf9
+def shipped_backbone(name: str, root=None) -> Path:
+    "The `mae.pt` of shipped backbone `name`, checked against its `SHA256SUMS`; a `BackboneError` if unknown or damaged."
+    d = (Path(root) if root else backbones_dir()) / name
+    sums = d / 'SHA256SUMS'
+    if not sums.is_file():
+        raise BackboneError(f"no shipped backbone {name!r} in {d.parent}; shipped: {', '.join(shipped_backbones(root)) or 'none'}"
+                            f" (or backbone = scratch: train stage 1 in the run)")
+    for line in sums.read_text().splitlines():
+        if not line.strip(): continue
+        sha, fn = line.split()
+        if not (d / fn).is_file() or file_sha256(d / fn) != sha:
+            raise BackboneError(f"{d / fn} is missing or does not match its SHA-256 in {sums}: reinstall the kit, or "
+                                f"retrain it with the command in {d / 'README.md'}")
+    return d / 'mae.pt'
+
+# %% ../nbs/05_pretrain.ipynb #854ac4be
+def install_backbone(name: str, out) -> Path:
+    "Copy shipped backbone `name` (its `mae.pt` and `log.json`) into the stage-1 folder `out` of a run, atomically; -> `out/mae.pt`."
+    src, out = shipped_backbone(name), writable_dir(out)
+    for f in (src.parent / 'log.json', src):                       # mae.pt last: it marks the stage done
+        tmp = out / f'.{f.name}.{os.getpid()}.tmp'
+        shutil.copyfile(f, tmp); os.replace(tmp, out / f.name)
+    return out / 'mae.pt'

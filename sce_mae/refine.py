@@ -21,8 +21,9 @@ from .lcr import lcr_from_profile
 from .tps import tps_pair, map_points
 
 # %% auto #0
-__all__ = ['MODES', 'DVE_POW', 'DVE_SCALE', 'cell_centres', 'stage2_batch', 'show_selection', 'dve_loss', 'refine_loss',
-           'make_refine_optimizer', 'refine_step', 'check_backbone', 'refine', 'load_refined', 'main', 'bench_refine']
+__all__ = ['MODES', 'DVE_POW', 'DVE_SCALE', 'cell_centres', 'stage2_batch', 'view_offsets', 'show_selection', 'dve_loss',
+           'refine_loss', 'make_refine_optimizer', 'refine_step', 'check_backbone', 'training_batch', 'refine',
+           'load_refined', 'main', 'bench_refine']
 
 # %% ../nbs/10_refine.ipynb #4b0606ea
 MODES = ('sce', 'no_cluster', 'dve')
@@ -39,10 +40,18 @@ def cell_centres(grid: int, patch: int, device=None) -> torch.Tensor:
 
 @torch.no_grad()
 def stage2_batch(mae: MAE, imgs: torch.Tensor, profile: Profile | str, mode: str = 'sce',
-                 pair_seed: int | None = None) -> dict:
-    "Frozen-encoder inputs of the `mode` loss for [0, 1] crops `imgs` (B, 3, S, S); `pair_seed` draws the TPS views of 'dve'."
+                 pair_seed: int | None = None, imgs_b: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> dict:
+    """Frozen-encoder inputs of the `mode` loss for [0, 1] crops `imgs` (B, 3, S, S); `pair_seed` draws the TPS views of
+    'dve'. For the LCR modes, `imgs_b` are second crops of the same faces, `shift` (B, 2) their offsets (y, x, px)
+    from the first: all their tokens join the batch (`sel_b`, `pos_b` in the first crop's patch grid, `is_att_b`)."""
     p, mode = load_profile(profile), _check_mode(mode)
     dev, B = imgs.device, len(imgs)
+    if imgs_b is not None and mode != 'dve':
+        if imgs_b.shape != imgs.shape or shift is None or tuple(shift.shape) != (B, 2):
+            raise ValueError(f"stage2_batch: imgs_b must be like imgs {tuple(imgs.shape)} and shift (B, 2) = ({B}, 2)")
+        a, b = stage2_batch(mae, imgs, p, mode), stage2_batch(mae, imgs_b, p, 'no_cluster')
+        return dict(a, sel_b=b['sel'], pos_b=b['pos'] + shift.to(dev, torch.float32)[:, None] / p.patch_size,
+                    is_att_b=b['is_att'])
     ac = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == 'cuda')
     if mode == 'sce':
         sb = p.split_block
@@ -61,6 +70,12 @@ def stage2_batch(mae: MAE, imgs: torch.Tensor, profile: Profile | str, mode: str
     centres = cell_centres(p.grid, p.patch_size, dev)
     target = map_points(centres.expand(B, -1, -1).contiguous(), pair['warp1'], pair['warp2'], imgs.shape[-2:])
     return dict(mode=mode, tok1=tok[:B], tok2=tok[B:], target=target, centres=centres, img1=pair['img1'], img2=pair['img2'])
+
+# %% ../nbs/10_refine.ipynb #38cd379c
+def view_offsets(seed: int, epoch: int, step: int, batch: int, profile: Profile) -> torch.Tensor:
+    "(B, 2) crop offsets (y, x, px) of every face's second view in a refinement step: drawn like the first, independently."
+    g = seeded_generator(seed, 4, epoch, step)
+    return torch.randint(0, profile.frame_size - profile.img_size + 1, (batch, 2), generator=g)
 
 # %% ../nbs/10_refine.ipynb #19db9b5c
 def show_selection(imgs: torch.Tensor, batch: dict, grid: int, n: int = 4, title: str | None = None):
@@ -115,7 +130,8 @@ def refine_loss(projector: nn.Module, batch: dict, profile: Profile | str) -> to
     p = load_profile(profile)
     if batch['mode'] == 'dve':
         return dve_loss(projector(batch['tok1']), projector(batch['tok2']), batch['target'], batch['centres'])
-    return lcr_from_profile(projector(batch['sel']), batch['pos'], batch['is_att'], p)
+    other = (projector(batch['sel_b']), batch['pos_b'], batch['is_att_b']) if 'sel_b' in batch else None
+    return lcr_from_profile(projector(batch['sel']), batch['pos'], batch['is_att'], p, other)
 
 def make_refine_optimizer(projector: nn.Module, profile: Profile | str) -> torch.optim.AdamW:
     "AdamW for the projector: `ref_lr` (set per step by the schedule), `ref_weight_decay` on weight matrices; fused when available."
@@ -146,6 +162,16 @@ def check_backbone(mae: MAE, profile: Profile, source='backbone'):
 
 def _pair_seed(seed, epoch, step) -> int:
     return seeded_generator(seed, 3, epoch, step).initial_seed()
+
+def training_batch(mae: MAE, frames: torch.Tensor, seed: int, epoch: int, step: int, profile: Profile, mode: str) -> dict:
+    """The `stage2_batch` of one refinement step on uint8 `frames` (B, 3, F, F): the step's crops and jitter, and a second
+    crop of every face for the LCR modes (with the first crop's jitter) or the TPS views for 'dve'."""
+    p, B = profile, len(frames)
+    d = step_draws(seed, epoch, step, B, p)
+    imgs = augment(frames, d['off'], d['fac'], p.img_size)
+    if mode == 'dve': return stage2_batch(mae, imgs, p, mode, pair_seed=_pair_seed(seed, epoch, step))
+    off_b = view_offsets(seed, epoch, step, B, p)
+    return stage2_batch(mae, imgs, p, mode, imgs_b=augment(frames, off_b, d['fac'], p.img_size), shift=off_b - d['off'])
 
 # %% ../nbs/10_refine.ipynb #c1bfeb95
 def refine(profile: Profile | str, backbone, out, dataset: str | None = None, root=None, mode: str = 'sce',
@@ -200,9 +226,7 @@ def refine(profile: Profile | str, backbone, out, dataset: str | None = None, ro
         order = epoch_order(seed, epoch, n)
         books.start_epoch()
         for i in range(spe):
-            d = step_draws(seed, epoch, i, B, p)
-            imgs = augment(frames[order[i * B:(i + 1) * B]].to(dev, non_blocking=True), d['off'], d['fac'], p.img_size)
-            batch = stage2_batch(mae, imgs, p, mode, pair_seed=_pair_seed(seed, epoch, i))
+            batch = training_batch(mae, frames[order[i * B:(i + 1) * B]].to(dev, non_blocking=True), seed, epoch, i, p, mode)
             lr = warmup_cosine(step, total, warm, p.ref_lr)
             books.step(refine_step(projector, opt, batch, lr, p).item(), step, epoch, lr)
             step += 1
@@ -279,9 +303,8 @@ def bench_refine(profile: Profile | str, steps: int = 5, batch: int | None = Non
         proj = Projector(p.embed_dim, p.proj_dim).to(dev); opt = make_refine_optimizer(proj, p)
         t_in = t_step = 0.0
         for s in range(steps + 1):                                   # step 0 warms up
-            d = step_draws(seed, 0, s, B, p)
             sync_device(dev); t0 = time.perf_counter()
-            batch = stage2_batch(mae, augment(frames, d['off'], d['fac'], p.img_size), p, mode, pair_seed=s)
+            batch = training_batch(mae, frames, seed, 0, s, p, mode)
             sync_device(dev); t1 = time.perf_counter()
             refine_step(proj, opt, batch, p.ref_lr, p).item()
             sync_device(dev); t2 = time.perf_counter()

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from .config import (Profile, ProfileError, load_profile, get_device, load_checkpoint, add_run_args, parse_run_args,
                             cli, writable_dir, check_device, CheckpointError, set_threads, weights_sha256)
-from .pretrain import pretrain, load_frames
-from .refine import refine, file_sha256
+from .mae import load_mae
+from .pretrain import pretrain, load_frames, shipped_backbone, install_backbone
+from .refine import refine, file_sha256, check_backbone
 from .evaluate import evaluate_run, _eval_data
 from .synth import _cpu_name
 import matplotlib.pyplot as plt
@@ -23,7 +24,7 @@ from matplotlib.patches import Rectangle
 __all__ = ['STAGES', 'REPORT', 'RUN_FILES', 'WIDE_MARGIN', 'Stage', 'stage_state', 'run_status', 'show_pipeline',
            'RunMismatchError', 'profile_diff', 'stored_profile', 'discard_run', 'check_run', 'environment',
            'read_runlog', 'write_runlog', 'stage_totals', 'paper_point', 'show_training', 'write_report', 'preflight',
-           'run_profile_for', 'reproduce', 'usable_cores', 'recorded_threads', 'choose_threads', 'main']
+           'run_profile_for', 'default_run', 'reproduce', 'usable_cores', 'recorded_threads', 'choose_threads', 'main']
 
 # %% ../nbs/15_reproduce.ipynb #0b57a22e
 @dataclass(frozen=True)
@@ -304,6 +305,18 @@ def write_report(run, env: dict | None = None) -> Path:
     return rep / 'report.md'
 
 # %% ../nbs/15_reproduce.ipynb #a35c097a
+def _stage1_line(run, prof) -> str:
+    "Where the run's stage 1 came from, for the report."
+    f = Path(run) / 'pretrain' / 'mae.pt'
+    if not f.is_file(): return 'Stage 1: not trained yet.'
+    bp = load_checkpoint(f)['profile']
+    how = f"`sce-mae-pretrain --profile {bp['name']}`: {bp['pre_epochs']} epochs of {bp['n_train']} {bp['dataset']} images"
+    bb = prof.get('backbone', 'scratch')
+    if bb == 'scratch': return f"Stage 1: trained in this run ({how})."
+    return (f"Stage 1: the kit's shipped `{bb}` backbone (`sce_mae/backbones/{bb}/`, SHA-256 `{file_sha256(f)[:16]}...`), "
+            f"trained by {how}; its README says how to retrain it. `sce-mae-reproduce --from-scratch` trains stage 1 in "
+            f"the run instead (the profile's own {prof.get('pre_epochs')} epochs).")
+
 def _report_md(run, prof, env, log, totals, results, results_md, eval_figs) -> str:
     L = []
     name, ds = prof.get('name', '?'), prof.get('dataset', '?')
@@ -315,6 +328,7 @@ def _report_md(run, prof, env, log, totals, results, results_md, eval_figs) -> s
         L += [f"Command (latest invocation): `{last.get('command', '?')}`", '',
               f"First started {first.get('started', '?')}; {len(invs)} invocation(s); latest {last.get('started', '?')} -> "
               f"{last.get('finished') or 'not finished'} ({last.get('status', '?')}).", '']
+    L += [_stage1_line(run, prof), '']
     # verdict
     L += ['## The paper\'s point on this run', '']
     if results is None:
@@ -367,15 +381,16 @@ def _report_md(run, prof, env, log, totals, results, results_md, eval_figs) -> s
           f"- seeds: run seed {prof.get('seed')} (pretraining, refinement, evaluation draws); matching views: TPS seed 0 "
           f"(DVE's protocol)", '',
           '## Profile', '', f"[profile.json](profile.json); the values that shape the run:", '']
-    keys = ['n_train', 'embed_dim', 'depth', 'num_heads', 'pre_epochs', 'pre_batch', 'pre_base_lr', 'eta', 'k_c', 'tau',
+    keys = ['backbone', 'n_train', 'embed_dim', 'depth', 'num_heads', 'pre_epochs', 'pre_batch', 'pre_base_lr', 'eta', 'k_c', 'tau',
             'proj_dim', 'ref_epochs', 'ref_batch', 'ref_lr', 'eval_stride', 'match_images', 'det_train', 'det_epochs']
     L += ['| key | value |', '|---|---|'] + [f"| {k} | {prof.get(k)} |" for k in keys if k in prof] + ['']
     return '\n'.join(L)
 
 # %% ../nbs/15_reproduce.ipynb #04fecd92
 def preflight(run, p: Profile, root=None) -> None:
-    """Before the first step: every stage file already in the run loads (a damaged one is named, with what to do), and the
-    evaluation data opens (annotations parsed, images listed), so a broken --root fails now, not after hours of training."""
+    """Before the first step: every stage file already in the run loads (a damaged one is named, with what to do), a
+    shipped backbone the profile names is intact and fits the profile, and the evaluation data opens
+    (annotations parsed, images listed), so a broken --root fails now, not after hours of training."""
     for s in STAGES[:-1]:
         d = Path(run) / s.folder
         f = d / s.artefact if (d / s.artefact).is_file() else d / 'checkpoint.pt'
@@ -384,6 +399,9 @@ def preflight(run, p: Profile, root=None) -> None:
             except CheckpointError as e:
                 raise CheckpointError(f"{e}; delete it and rerun: the {s.name} stage is recomputed from its last checkpoint "
                                       f"(or from the start), and the other stages are kept") from None
+    if p.backbone != 'scratch' and stage_state(run, STAGES[0]) != 'done':
+        f = shipped_backbone(p.backbone)
+        check_backbone(load_mae(f), p, f"shipped backbone {p.backbone!r} ({f})")
     if stage_state(run, STAGES[-1]) != 'done': _eval_data(p, p.eval_dataset, root, p.seed)
 
 def _banner(i, n, stage_name, msg, say):
@@ -396,25 +414,32 @@ def _sha_inputs(run) -> dict:
     return {str(f.relative_to(run)): weights_sha256(f) for f in fs if f.is_file()}
 
 def run_profile_for(profile: Profile | str | None, dataset: str | None = None, eval_dataset: str | None = None,
-                    seed: int | None = None) -> Profile:
-    "The profile a run records: `profile` with the overrides; `dataset` sets the training data and, unless `eval_dataset` is given, the evaluation data."
+                    seed: int | None = None, backbone: str | None = None) -> Profile:
+    """The profile a run records: `profile` with the overrides; `dataset` sets the training data and, unless `eval_dataset`
+    is given, the evaluation data; `backbone` where stage 1 comes from ('scratch' trains it in the run)."""
     p = load_profile(profile)
     kw = {}
     if dataset: kw.update(dataset=dataset, eval_dataset=dataset)
     if eval_dataset: kw['eval_dataset'] = eval_dataset
     if seed is not None: kw['seed'] = seed
+    if backbone is not None: kw['backbone'] = backbone
     kw = {k: v for k, v in kw.items() if getattr(p, k) != v}
     return p.replace(**kw) if kw else p
 
+def default_run(p: Profile, backbone: str | None = None) -> Path:
+    "runs/<profile>, or runs/<profile>-scratch when `backbone` = 'scratch' overrides the profile's own."
+    return Path('runs') / (f'{p.name}-scratch' if backbone == 'scratch' else p.name)
+
 def reproduce(profile: Profile | str | None = 'demo', out=None, dataset: str | None = None, root=None, seed: int | None = None,
               device=None, force: bool = False, progress: bool = True, eval_dataset: str | None = None,
-              command: str | None = None, say=None) -> Path:
+              command: str | None = None, backbone: str | None = None, say=None) -> Path:
     """The whole pipeline into run folder `out` (default runs/<profile>): pretrain, refine (sce, no_cluster, dve),
     evaluate, report; -> `out/report/report.md`. Finished stages are skipped, an interrupted one resumes.
-    `dataset` sets the training and (unless `eval_dataset`) the evaluation data; `seed` the run's seed."""
+    `dataset` sets the training and (unless `eval_dataset`) the evaluation data; `seed` the run's seed; `backbone` where
+    stage 1 comes from (default the profile's: 'scratch' trains it, a shipped backbone's name copies it in)."""
     say = say or (lambda s: print(s, flush=True))
-    p = run_profile_for(profile, dataset, eval_dataset, seed)
-    run = Path(out) if out is not None else Path('runs') / p.name
+    p = run_profile_for(profile, dataset, eval_dataset, seed, backbone)
+    run = Path(out) if out is not None else default_run(p, backbone)
     writable_dir(run)
     if device is not None: check_device(device)
     check_run(run, p, force=force, say=say)
@@ -461,6 +486,10 @@ def reproduce(profile: Profile | str | None = 'demo', out=None, dataset: str | N
             if state == 'done':
                 inv['stages'][s.name] = dict(action='skipped'); write_runlog(run, log)
                 _banner(i, n, s.name, f"done already ({d / s.artefact}): skipped", say)
+                continue
+            if s.name == 'pretrain' and p.backbone != 'scratch':
+                _banner(i, n, s.name, f"the shipped {p.backbone!r} backbone ({shipped_backbone(p.backbone).parent}) -> {d}", say)
+                timed(s.name, 'copied', lambda: install_backbone(p.backbone, d))
                 continue
             resume = (d / 'checkpoint.pt').is_file()
             what = 'resumed' if resume else 'ran'
@@ -532,10 +561,13 @@ def main(argv=None):
                     "started with, else one per core; recorded in run.json (the same seed and count give the same numbers)")
     ap.add_argument('--force', action='store_true', help='if --out holds a run of another profile, discard it and start afresh')
     ap.add_argument('--no-progress', action='store_true', help='no progress bars (the stage banners remain)')
+    ap.add_argument('--from-scratch', action='store_true', help="train stage 1 in the run with the profile's recipe instead "
+                    "of starting from the shipped backbone the profile names (demo: course); default --out runs/<profile>-scratch")
     a = parse_run_args(ap, argv)
-    run = Path(a.out) if a.out else Path('runs') / run_profile_for(a.profile, a.dataset, a.eval_dataset, a.seed).name
+    bb = 'scratch' if a.from_scratch else None
+    run = Path(a.out) if a.out else default_run(run_profile_for(a.profile, a.dataset, a.eval_dataset, a.seed, bb), bb)
     _limiter = set_threads(choose_threads(a.threads, run))
     cmd = ' '.join(['sce-mae-reproduce'] + [x if x and ' ' not in x else repr(x) for x in (argv if argv is not None else sys.argv[1:])])
     md = reproduce(a.profile, run, dataset=a.dataset, root=a.root, seed=a.seed, device=a.device, force=a.force,
-                   progress=not a.no_progress, eval_dataset=a.eval_dataset, command=cmd)
+                   progress=not a.no_progress, eval_dataset=a.eval_dataset, command=cmd, backbone=bb)
     print(md)

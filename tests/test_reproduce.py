@@ -155,3 +155,52 @@ def test_diagnose_script(run, tmp_path):
     assert all(v['position_r2'] <= 1 and -1 <= v['silhouette'] <= 1 for k, v in d.items() if k != 'same_location')
     r = subprocess.run([sys.executable, ex, str(run['out']), '--seed', '0'], capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and 'training faces' in r.stderr
+
+
+def _toy_shipped(src: Path, root: Path, name='toy') -> Path:
+    "A shipped-backbone folder `root/name` made of a run's stage-1 files, as `sce_mae/backbones/course/` is laid out."
+    from sce_mae.config import file_sha256
+    d = root / name; d.mkdir(parents=True)
+    for f in ('mae.pt', 'log.json'): shutil.copyfile(src / f, d / f)
+    (d / 'SHA256SUMS').write_text(''.join(f"{file_sha256(d / f)}  {f}\n" for f in ('mae.pt', 'log.json')))
+    return d
+
+
+def test_a_shipped_backbone_is_copied_not_trained(run, tmp_path, monkeypatch):
+    "A profile naming a shipped backbone starts stage 2 from it: stage 1 is copied (same bytes), the report names it."
+    import sce_mae.pretrain as P
+    from sce_mae.config import file_sha256
+    from sce_mae.reproduce import reproduce
+    src = _toy_shipped(run['out'] / 'pretrain', tmp_path / 'shipped')
+    monkeypatch.setattr(P, 'backbones_dir', lambda: tmp_path / 'shipped')
+    out, said = tmp_path / 'run', []
+    reproduce(load_profile('smoke').replace(backbone='toy'), out, progress=False, say=said.append)
+    assert "shipped 'toy' backbone" in _banner('\n'.join(said), 'pretrain')
+    assert file_sha256(out / 'pretrain' / 'mae.pt') == file_sha256(src / 'mae.pt')
+    st = json.loads((out / 'run.json').read_text())['invocations'][-1]['stages']
+    assert st['pretrain']['action'] == 'copied' and 'data' in st          # frames rendered for stage 2 only
+    assert run_status(out) == {n: 'done' for n in NAMES}
+    md = (out / REPORT / 'report.md').read_text()
+    assert "shipped `toy` backbone" in md and '--from-scratch' in md
+
+
+def test_a_damaged_or_unfit_shipped_backbone_fails_before_any_work(run, tmp_path, monkeypatch, capsys):
+    import sce_mae.pretrain as P
+    src = _toy_shipped(run['out'] / 'pretrain', tmp_path / 'shipped')
+    monkeypatch.setattr(P, 'backbones_dir', lambda: tmp_path / 'shipped')
+    from sce_mae.reproduce import reproduce
+    with pytest.raises(ValueError, match='does not match profile'):                 # smoke weights, demo widths
+        reproduce(load_profile('demo').replace(backbone='toy'), tmp_path / 'r1', progress=False, say=lambda s: None)
+    with open(src / 'mae.pt', 'r+b') as f: f.truncate(100)
+    with pytest.raises(P.BackboneError, match='does not match its SHA-256'):
+        reproduce(load_profile('smoke').replace(backbone='toy'), tmp_path / 'r2', progress=False, say=lambda s: None)
+    assert not (tmp_path / 'r2' / 'pretrain').exists()
+    with pytest.raises(P.BackboneError, match="no shipped backbone 'nope'"):
+        reproduce(load_profile('smoke').replace(backbone='nope'), tmp_path / 'r3', progress=False, say=lambda s: None)
+
+
+def test_from_scratch_gets_its_own_run_folder():
+    from sce_mae.reproduce import default_run, run_profile_for
+    p = run_profile_for('demo', backbone='scratch')
+    assert p.backbone == 'scratch' and load_profile('demo').backbone == 'course'
+    assert default_run(p, 'scratch') == Path('runs') / 'demo-scratch' and default_run(load_profile('demo')) == Path('runs') / 'demo'
