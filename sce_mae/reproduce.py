@@ -13,7 +13,7 @@ import torch
 from .config import (Profile, ProfileError, load_profile, get_device, load_checkpoint, add_run_args, parse_run_args,
                             cli, writable_dir, check_device, CheckpointError, set_threads, weights_sha256)
 from .mae import load_mae
-from .pretrain import pretrain, load_frames, shipped_backbone, install_backbone
+from .pretrain import pretrain, load_frames, backbones_dir, shipped_backbone, install_backbone
 from .refine import refine, file_sha256, check_backbone
 from .evaluate import evaluate_run, _eval_data
 from .synth import _cpu_name
@@ -488,7 +488,7 @@ def reproduce(profile: Profile | str | None = 'demo', out=None, dataset: str | N
                 _banner(i, n, s.name, f"done already ({d / s.artefact}): skipped", say)
                 continue
             if s.name == 'pretrain' and p.backbone != 'scratch':
-                _banner(i, n, s.name, f"the shipped {p.backbone!r} backbone ({shipped_backbone(p.backbone).parent}) -> {d}", say)
+                _banner(i, n, s.name, f"the shipped {p.backbone!r} backbone ({backbones_dir() / p.backbone}) -> {d}", say)
                 timed(s.name, 'copied', lambda: install_backbone(p.backbone, d))
                 continue
             resume = (d / 'checkpoint.pt').is_file()
