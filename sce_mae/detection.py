@@ -82,12 +82,14 @@ class Regressor(nn.Module):
         if feats.ndim != 4 or feats.shape[1] != self.in_ch:
             raise ValueError(f"Regressor expects features (B, {self.in_ch}, h, w); got {tuple(feats.shape)}")
         B, _, h, w = feats.shape
-        x = self.block(feats).flatten(2)                                                 # (B, C', h*w)
-        logits = torch.matmul(self.conv.weight.flatten(1), x) * self.softmax_mul          # the 1x1 conv: (B, L*K, h*w)
+        x = self.block(feats)
+        x = x.transpose(0, 1).reshape(x.shape[1], B * h * w)                             # (C', B*h*w): every cell of the batch
+        logits = (self.conv.weight.flatten(1) * self.softmax_mul) @ x                     # the 1x1 conv as one matmul: (L*K, B*h*w)
         xs = (torch.arange(w, device=feats.device, dtype=x.dtype) + 0.5) * (2 / w) - 1   # cell centres in [-1, 1]
         ys = (torch.arange(h, device=feats.device, dtype=x.dtype) + 0.5) * (2 / h) - 1
         cells = torch.stack([xs.repeat(h), ys.repeat_interleave(w)], -1)                  # (h*w, 2), row-major
-        return (logits.softmax(-1) @ cells).view(B, self.n_lms, self.n_kp, 2)            # expected positions
+        pts = logits.view(-1, B, h * w).softmax(-1) @ cells                               # expected positions (L*K, B, 2)
+        return pts.transpose(0, 1).reshape(B, self.n_lms, self.n_kp, 2)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         inter = self.intermediate(feats)

@@ -21,12 +21,13 @@ from .lcr import lcr_from_profile
 from .tps import tps_pair, map_points
 
 # %% auto #0
-__all__ = ['MODES', 'DVE_POW', 'DVE_SCALE', 'cell_centres', 'stage2_batch', 'view_offsets', 'show_selection', 'dve_loss',
-           'refine_loss', 'make_refine_optimizer', 'refine_step', 'check_backbone', 'training_batch', 'refine',
-           'load_refined', 'main', 'bench_refine']
+__all__ = ['MODES', 'LCR_MODES', 'DVE_POW', 'DVE_SCALE', 'cell_centres', 'lcr_batches', 'stage2_batch', 'view_offsets',
+           'show_selection', 'dve_loss', 'refine_loss', 'make_refine_optimizer', 'refine_step', 'check_backbone',
+           'training_batches', 'refine_modes', 'refine', 'load_refined', 'main', 'bench_refine']
 
 # %% ../nbs/10_refine.ipynb #4b0606ea
 MODES = ('sce', 'no_cluster', 'dve')
+LCR_MODES = ('sce', 'no_cluster')
 
 def _check_mode(mode):
     if mode not in MODES: raise ValueError(f"refine: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -38,38 +39,56 @@ def cell_centres(grid: int, patch: int, device=None) -> torch.Tensor:
     yy, xx = torch.meshgrid(c, c, indexing='ij')
     return torch.stack([xx.reshape(-1), yy.reshape(-1)], -1)
 
+def _encode(mae: MAE, imgs: torch.Tensor, p: Profile, split: bool = False):
+    "The frozen encoder on `imgs` (bfloat16 autocast on CUDA); with `split`, also the split block's tokens and CLS attention."
+    dev, sb = imgs.device, p.split_block
+    with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == 'cuda'):
+        return mae.encode(imgs, blocks=(sb,), attn_block=sb) if split else mae.encode(imgs)
+
+def _lcr_inputs(e, p: Profile, mode: str) -> dict:
+    "One LCR mode's inputs from an encoded batch: CARB's selected set ('sce') or every token ('no_cluster')."
+    if mode == 'sce':
+        sb = p.split_block
+        return dict(mode=mode, **carb_inputs(e.tokens.float(), e.blocks[sb].float(), e.attn.float(), p.eta, p.dpc_k, p.k_c, p.grid))
+    (B, N), dev = e.tokens.shape[:2], e.tokens.device
+    pos = grid_positions(torch.arange(N, device=dev), p.grid).expand(B, N, 2)
+    return dict(mode=mode, sel=e.tokens.float(), pos=pos, is_att=torch.ones(B, N, dtype=torch.bool, device=dev))
+
+# %% ../nbs/10_refine.ipynb #61b8f8f1
+@torch.no_grad()
+def lcr_batches(mae: MAE, imgs: torch.Tensor, profile: Profile | str, modes=LCR_MODES,
+                imgs_b: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> dict:
+    """{mode: inputs} of the LCR `modes` for [0, 1] crops `imgs` (B, 3, S, S), one encoder pass serving them all. Given second
+    crops `imgs_b` of the same faces and their offsets `shift` (B, 2) (y, x, px) from the first, all their tokens join every
+    mode's batch (`sel_b`, `pos_b` in the first crop's patch grid, `is_att_b`)."""
+    p, modes, B = load_profile(profile), tuple(modes), len(imgs)
+    if not modes or any(m not in LCR_MODES for m in modes):
+        raise ValueError(f"lcr_batches: modes {modes} must be some of {', '.join(LCR_MODES)}")
+    if imgs_b is not None and (imgs_b.shape != imgs.shape or shift is None or tuple(shift.shape) != (B, 2)):
+        raise ValueError(f"stage2_batch: imgs_b must be like imgs {tuple(imgs.shape)} and shift (B, 2) = ({B}, 2)")
+    e = _encode(mae, imgs, p, split='sce' in modes)
+    out = {m: _lcr_inputs(e, p, m) for m in modes}
+    if imgs_b is not None:
+        b = _lcr_inputs(_encode(mae, imgs_b, p), p, 'no_cluster')
+        pos_b = b['pos'] + shift.to(imgs.device, torch.float32)[:, None] / p.patch_size
+        for r in out.values(): r.update(sel_b=b['sel'], pos_b=pos_b, is_att_b=b['is_att'])
+    return out
+
+# %% ../nbs/10_refine.ipynb #17a360a4
 @torch.no_grad()
 def stage2_batch(mae: MAE, imgs: torch.Tensor, profile: Profile | str, mode: str = 'sce',
                  pair_seed: int | None = None, imgs_b: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> dict:
-    """Frozen-encoder inputs of the `mode` loss for [0, 1] crops `imgs` (B, 3, S, S); `pair_seed` draws the TPS views of
-    'dve'. For the LCR modes, `imgs_b` are second crops of the same faces, `shift` (B, 2) their offsets (y, x, px)
-    from the first: all their tokens join the batch (`sel_b`, `pos_b` in the first crop's patch grid, `is_att_b`)."""
+    """Frozen-encoder inputs of the `mode` loss for [0, 1] crops `imgs` (B, 3, S, S): `lcr_batches` for the LCR modes
+    (`imgs_b`, `shift`: the second crops), two TPS views drawn with `pair_seed` for 'dve'."""
     p, mode = load_profile(profile), _check_mode(mode)
-    dev, B = imgs.device, len(imgs)
-    if imgs_b is not None and mode != 'dve':
-        if imgs_b.shape != imgs.shape or shift is None or tuple(shift.shape) != (B, 2):
-            raise ValueError(f"stage2_batch: imgs_b must be like imgs {tuple(imgs.shape)} and shift (B, 2) = ({B}, 2)")
-        a, b = stage2_batch(mae, imgs, p, mode), stage2_batch(mae, imgs_b, p, 'no_cluster')
-        return dict(a, sel_b=b['sel'], pos_b=b['pos'] + shift.to(dev, torch.float32)[:, None] / p.patch_size,
-                    is_att_b=b['is_att'])
-    ac = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == 'cuda')
-    if mode == 'sce':
-        sb = p.split_block
-        with torch.autocast(**ac): e = mae.encode(imgs, blocks=(sb,), attn_block=sb)
-        r = carb_inputs(e.tokens.float(), e.blocks[sb].float(), e.attn.float(), p.eta, p.dpc_k, p.k_c, p.grid)
-        return dict(mode=mode, **r)
-    if mode == 'no_cluster':
-        with torch.autocast(**ac): e = mae.encode(imgs)
-        N = e.tokens.shape[1]
-        pos = grid_positions(torch.arange(N, device=dev), p.grid).expand(B, N, 2)
-        return dict(mode=mode, sel=e.tokens.float(), pos=pos, is_att=torch.ones(B, N, dtype=torch.bool, device=dev))
+    if mode != 'dve': return lcr_batches(mae, imgs, p, (mode,), imgs_b, shift)[mode]
     if pair_seed is None: raise ValueError("stage2_batch: mode 'dve' needs pair_seed (the seed of the TPS views)")
+    B, dev = len(imgs), imgs.device
     pair = tps_pair(imgs, None, p, seed=int(pair_seed), padding_mode='border')
-    with torch.autocast(**ac): e = mae.encode(torch.cat([pair['img1'], pair['img2']]))
-    tok = e.tokens.float()
+    tok1, tok2 = (_encode(mae, pair[k], p).tokens.float() for k in ('img1', 'img2'))   # two calls of B: faster on a CPU than one of 2B
     centres = cell_centres(p.grid, p.patch_size, dev)
     target = map_points(centres.expand(B, -1, -1).contiguous(), pair['warp1'], pair['warp2'], imgs.shape[-2:])
-    return dict(mode=mode, tok1=tok[:B], tok2=tok[B:], target=target, centres=centres, img1=pair['img1'], img2=pair['img2'])
+    return dict(mode=mode, tok1=tok1, tok2=tok2, target=target, centres=centres, img1=pair['img1'], img2=pair['img2'])
 
 # %% ../nbs/10_refine.ipynb #38cd379c
 def view_offsets(seed: int, epoch: int, step: int, batch: int, profile: Profile) -> torch.Tensor:
@@ -163,17 +182,110 @@ def check_backbone(mae: MAE, profile: Profile, source='backbone'):
 def _pair_seed(seed, epoch, step) -> int:
     return seeded_generator(seed, 3, epoch, step).initial_seed()
 
-def training_batch(mae: MAE, frames: torch.Tensor, seed: int, epoch: int, step: int, profile: Profile, mode: str) -> dict:
-    """The `stage2_batch` of one refinement step on uint8 `frames` (B, 3, F, F): the step's crops and jitter, and a second
-    crop of every face for the LCR modes (with the first crop's jitter) or the TPS views for 'dve'."""
-    p, B = profile, len(frames)
+def training_batches(mae: MAE, frames: torch.Tensor, seed: int, epoch: int, step: int, profile: Profile, modes) -> dict:
+    """{mode: `stage2_batch`} of one refinement step on uint8 `frames` (B, 3, F, F) for each of `modes`: the step's crops and
+    jitter; the LCR modes share one encoder pass over them and over a second crop of every face (drawn like the first,
+    with its jitter), 'dve' gets its TPS views."""
+    p, B, modes = profile, len(frames), [_check_mode(m) for m in modes]
     d = step_draws(seed, epoch, step, B, p)
     imgs = augment(frames, d['off'], d['fac'], p.img_size)
-    if mode == 'dve': return stage2_batch(mae, imgs, p, mode, pair_seed=_pair_seed(seed, epoch, step))
-    off_b = view_offsets(seed, epoch, step, B, p)
-    return stage2_batch(mae, imgs, p, mode, imgs_b=augment(frames, off_b, d['fac'], p.img_size), shift=off_b - d['off'])
+    out, lcr = {}, [m for m in modes if m in LCR_MODES]
+    if lcr:
+        off_b = view_offsets(seed, epoch, step, B, p)
+        out = lcr_batches(mae, imgs, p, lcr, imgs_b=augment(frames, off_b, d['fac'], p.img_size), shift=off_b - d['off'])
+    if 'dve' in modes: out['dve'] = stage2_batch(mae, imgs, p, 'dve', pair_seed=_pair_seed(seed, epoch, step))
+    return out
 
-# %% ../nbs/10_refine.ipynb #c1bfeb95
+# %% ../nbs/10_refine.ipynb #f5e5484c
+def _refine_job(p: Profile, mode: str, out: Path, meta: dict, log: dict, resume: bool, dev) -> dict:
+    "One mode's projector, optimiser, log and position (epoch, step): fresh, or from `out/checkpoint.pt` when resuming."
+    seed_everything(meta['seed'])
+    projector = Projector(p.embed_dim, p.proj_dim).to(dev)
+    job = dict(projector=projector, opt=make_refine_optimizer(projector, p), log=log, epoch=0, step=0, out=out)
+    ck_path = out / 'checkpoint.pt'
+    if resume and ck_path.exists():
+        ck = load_checkpoint(ck_path)
+        if any(ck[k] != meta[k] for k in ('profile', 'seed', 'backbone_sha256')) or ck['mode'] != mode:
+            diff = sorted(k for k in meta['profile'] if ck['profile'].get(k) != meta['profile'][k])
+            raise ValueError(f"{ck_path} belongs to another run (seed {ck['seed']} vs {meta['seed']}; mode {ck['mode']} vs {mode}; "
+                             f"backbone {'same' if ck['backbone_sha256'] == meta['backbone_sha256'] else 'different'}; "
+                             f"profile keys differing: {diff})")
+        projector.load_state_dict(ck['projector']); job['opt'].load_state_dict(ck['optimizer'])
+        job.update(epoch=ck['epoch'], step=ck['step'], log=ck['log'])
+        set_rng_state(ck['rng'])
+    elif resume: print(f"no checkpoint in {out}: starting a new run")
+    projector.train()
+    return job
+
+def _save_refined(job: dict, mode: str, meta: dict, epochs: int) -> Path:
+    "The finished projector as `refined.pt` (weights, profile, mode, seed, the backbone's path and SHA-256) and its log."
+    out, backbone = job['out'], Path(meta['backbone'])
+    sd = {k: v.detach().cpu() for k, v in job['projector'].state_dict().items()}
+    save_checkpoint(dict(projector=sd, mode=mode, epoch=epochs, step=job['step'],
+                         backbone_rel=os.path.relpath(backbone, out.resolve()), **meta), out / 'refined.pt')
+    (out / 'log.json').write_text(json.dumps(job['log']))
+    return out / 'refined.pt'
+
+# %% ../nbs/10_refine.ipynb #b6d701b1
+def refine_modes(profile: Profile | str, backbone, outs: dict, dataset: str | None = None, root=None, resume: bool = False,
+                 device=None, seed: int | None = None, *, frames: torch.Tensor | None = None, stop_after: int | None = None,
+                 callback=None, progress: bool = True) -> dict:
+    """Stage 2 of several modes at once, {mode: folder} -> {mode: refined.pt (or checkpoint.pt if stopped early)}: each mode
+    sees the steps of its own `refine` and ends with the same projector; the LCR modes share the frozen encoder's passes.
+    `callback(epoch, {mode: projector})` runs after each epoch."""
+    p = load_profile(profile)
+    if dataset and dataset != p.dataset: p = p.replace(dataset=dataset)
+    outs = {_check_mode(m): Path(o) for m, o in outs.items()}
+    if not outs: raise ValueError("refine_modes: no modes given ({mode: out folder})")
+    seed = p.seed if seed is None else seed
+    for o in outs.values():
+        if (o / 'checkpoint.pt').exists() and not resume:
+            raise FileExistsError(f"{o / 'checkpoint.pt'} exists: pass resume=True (--resume) to continue that run, or choose another out folder")
+    backbone = Path(backbone).resolve()
+    dev = get_device(device)
+    mae = load_mae(backbone)
+    check_backbone(mae, p, source=str(backbone))
+    meta = dict(profile=p.to_dict(), seed=seed, backbone=str(backbone), backbone_sha256=file_sha256(backbone))
+    done = {m: o / 'refined.pt' for m, o in outs.items() if resume and finished_run(
+        o / 'refined.pt', progress, profile=meta['profile'], seed=seed, mode=m, backbone_sha256=meta['backbone_sha256'])}
+    todo = {m: o for m, o in outs.items() if m not in done}
+    if not todo: return done
+    for o in todo.values(): writable_dir(o)
+    mae = mae.to(dev).eval().requires_grad_(False)
+    B = p.ref_batch
+    if frames is None: frames = load_frames(p, root=root, progress=progress)
+    n = len(frames); spe = n // B
+    if spe == 0: raise ValueError(f"{n} training images are fewer than one batch of {B} (n_train, ref_batch)")
+    total, warm = spe * p.ref_epochs, spe * p.ref_warmup_epochs
+    jobs = {m: _refine_job(p, m, o, meta, dict(profile=p.name, dataset=p.dataset, mode=m, seed=seed, n_train=n, batch=B,
+                                               steps_per_epoch=spe, backbone=meta['backbone'], backbone_sha256=meta['backbone_sha256'],
+                                               steps=[], epochs=[]), resume, dev) for m, o in todo.items()}
+    starts = {m: (j['epoch'], j['step']) for m, j in jobs.items()}
+    if len(set(starts.values())) > 1:
+        raise ValueError(f"refine_modes: the checkpoints stand at different epochs {starts}: resume each mode with refine")
+    epoch0, step = next(iter(starts.values()))
+    bar = tqdm(total=total, initial=step, desc=f"refine {p.name} ({' + '.join(jobs)})", disable=not progress)
+    for k, j in enumerate(jobs.values()): j['books'] = StepLog(j['log'], bar if k == 0 else tqdm(disable=True), B)
+    for epoch in range(epoch0, p.ref_epochs):
+        order = epoch_order(seed, epoch, n)
+        for j in jobs.values(): j['books'].start_epoch()
+        for i in range(spe):
+            batches = training_batches(mae, frames[order[i * B:(i + 1) * B]].to(dev, non_blocking=True), seed, epoch, i, p, jobs)
+            lr = warmup_cosine(step, total, warm, p.ref_lr)
+            for m, j in jobs.items(): j['books'].step(refine_step(j['projector'], j['opt'], batches[m], lr, p).item(), step, epoch, lr)
+            step += 1
+        for m, j in jobs.items():
+            j['books'].end_epoch(epoch); j['step'] = step
+            save_checkpoint(dict(projector=j['projector'].state_dict(), optimizer=j['opt'].state_dict(), epoch=epoch + 1,
+                                 step=step, rng=rng_state(), mode=m, log=j['log'], **meta), j['out'] / 'checkpoint.pt')
+            (j['out'] / 'log.json').write_text(json.dumps(j['log']))
+        if callback is not None: callback(epoch + 1, {m: j['projector'] for m, j in jobs.items()})
+        if stop_after is not None and epoch + 1 - epoch0 >= stop_after and epoch + 1 < p.ref_epochs:
+            bar.close(); return {**done, **{m: j['out'] / 'checkpoint.pt' for m, j in jobs.items()}}
+    bar.close()
+    return {m: done[m] if m in done else _save_refined(jobs[m], m, meta, p.ref_epochs) for m in outs}
+
+# %% ../nbs/10_refine.ipynb #ef4b1bf5
 def refine(profile: Profile | str, backbone, out, dataset: str | None = None, root=None, mode: str = 'sce',
            resume: bool = False, device=None, seed: int | None = None, *, frames: torch.Tensor | None = None,
            stop_after: int | None = None, callback=None, progress: bool = True) -> Path:
@@ -181,71 +293,9 @@ def refine(profile: Profile | str, backbone, out, dataset: str | None = None, ro
     -> `out/refined.pt` (or `out/checkpoint.pt` if stopped early). `mode`: 'sce', 'no_cluster' or 'dve'.
     `dataset`/`root` override the profile's data; `frames` (uint8 (n, 3, F, F)) skips loading it;
     `stop_after=k` ends this call after k epochs as if killed; `callback(epoch, projector)` runs after each epoch."""
-    p = load_profile(profile)
-    if dataset and dataset != p.dataset: p = p.replace(dataset=dataset)
-    mode = _check_mode(mode)
-    seed = p.seed if seed is None else seed
-    out = Path(out); ck_path = out / 'checkpoint.pt'
-    if ck_path.exists() and not resume:
-        raise FileExistsError(f"{ck_path} exists: pass resume=True (--resume) to continue that run, or choose another out folder")
-    backbone = Path(backbone).resolve()
-    dev = get_device(device)
-    mae = load_mae(backbone)
-    check_backbone(mae, p, source=str(backbone))
-    sha = file_sha256(backbone)
-    if resume and finished_run(out / 'refined.pt', progress, profile=p.to_dict(), seed=seed, mode=mode, backbone_sha256=sha):
-        return out / 'refined.pt'
-    writable_dir(out)
-    mae = mae.to(dev).eval().requires_grad_(False)
-    B = p.ref_batch
-    if frames is None: frames = load_frames(p, root=root, progress=progress)
-    n = len(frames); spe = n // B
-    if spe == 0: raise ValueError(f"{n} training images are fewer than one batch of {B} (n_train, ref_batch)")
-    total, warm = spe * p.ref_epochs, spe * p.ref_warmup_epochs
-    seed_everything(seed)
-    projector = Projector(p.embed_dim, p.proj_dim).to(dev)
-    opt = make_refine_optimizer(projector, p)
-    epoch0, step = 0, 0
-    log = dict(profile=p.name, dataset=p.dataset, mode=mode, seed=seed, n_train=n, batch=B, steps_per_epoch=spe,
-               backbone=str(backbone), backbone_sha256=sha, steps=[], epochs=[])
-    if resume and ck_path.exists():
-        ck = load_checkpoint(ck_path)
-        if ck['profile'] != p.to_dict() or ck['seed'] != seed or ck['mode'] != mode or ck['backbone_sha256'] != sha:
-            diff = sorted(k for k in p.to_dict() if ck['profile'].get(k) != p.to_dict()[k])
-            raise ValueError(f"{ck_path} belongs to another run (seed {ck['seed']} vs {seed}; mode {ck['mode']} vs {mode}; "
-                             f"backbone {'same' if ck['backbone_sha256'] == sha else 'different'}; profile keys differing: {diff})")
-        projector.load_state_dict(ck['projector']); opt.load_state_dict(ck['optimizer'])
-        epoch0, step, log = ck['epoch'], ck['step'], ck['log']
-        set_rng_state(ck['rng'])
-    elif resume: print(f"no checkpoint in {out}: starting a new run")
-    projector.train()
-    bar = tqdm(total=total, initial=step, desc=f'refine {p.name} ({mode})', disable=not progress)
-    books = StepLog(log, bar, B)
-    done = 0
-    for epoch in range(epoch0, p.ref_epochs):
-        order = epoch_order(seed, epoch, n)
-        books.start_epoch()
-        for i in range(spe):
-            batch = training_batch(mae, frames[order[i * B:(i + 1) * B]].to(dev, non_blocking=True), seed, epoch, i, p, mode)
-            lr = warmup_cosine(step, total, warm, p.ref_lr)
-            books.step(refine_step(projector, opt, batch, lr, p).item(), step, epoch, lr)
-            step += 1
-        books.end_epoch(epoch)
-        save_checkpoint(dict(projector=projector.state_dict(), optimizer=opt.state_dict(), epoch=epoch + 1, step=step,
-                             rng=rng_state(), profile=p.to_dict(), seed=seed, mode=mode, backbone=str(backbone),
-                             backbone_sha256=sha, log=log), ck_path)
-        (out / 'log.json').write_text(json.dumps(log))
-        if callback is not None: callback(epoch + 1, projector)
-        done += 1
-        if stop_after is not None and done >= stop_after and epoch + 1 < p.ref_epochs:
-            bar.close(); return ck_path
-    bar.close()
-    sd = {k: v.detach().cpu() for k, v in projector.state_dict().items()}
-    save_checkpoint(dict(projector=sd, profile=p.to_dict(), mode=mode, seed=seed, epoch=p.ref_epochs, step=step,
-                         backbone=str(backbone), backbone_rel=os.path.relpath(backbone, out.resolve()),
-                         backbone_sha256=sha), out / 'refined.pt')
-    (out / 'log.json').write_text(json.dumps(log))
-    return out / 'refined.pt'
+    cb = None if callback is None else (lambda epoch, projectors: callback(epoch, projectors[mode]))
+    return refine_modes(profile, backbone, {mode: out}, dataset, root, resume, device, seed, frames=frames,
+                        stop_after=stop_after, callback=cb, progress=progress)[mode]
 
 # %% ../nbs/10_refine.ipynb #07d21e87
 def load_refined(path, backbone=None, map_location='cpu', check: bool = True) -> tuple[MAE, Projector]:
@@ -304,7 +354,7 @@ def bench_refine(profile: Profile | str, steps: int = 5, batch: int | None = Non
         t_in = t_step = 0.0
         for s in range(steps + 1):                                   # step 0 warms up
             sync_device(dev); t0 = time.perf_counter()
-            batch = training_batch(mae, frames, seed, 0, s, p, mode)
+            batch = training_batches(mae, frames, seed, 0, s, p, (mode,))[mode]
             sync_device(dev); t1 = time.perf_counter()
             refine_step(proj, opt, batch, p.ref_lr, p).item()
             sync_device(dev); t2 = time.perf_counter()

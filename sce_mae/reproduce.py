@@ -14,7 +14,7 @@ from .config import (Profile, ProfileError, load_profile, get_device, load_check
                             cli, writable_dir, check_device, CheckpointError, set_threads, weights_sha256)
 from .mae import load_mae
 from .pretrain import pretrain, load_frames, backbones_dir, shipped_backbone, install_backbone
-from .refine import refine, file_sha256, check_backbone
+from .refine import refine_modes, LCR_MODES, file_sha256, check_backbone
 from .evaluate import evaluate_run, _eval_data
 from .synth import _cpu_name
 import matplotlib.pyplot as plt
@@ -24,7 +24,8 @@ from matplotlib.patches import Rectangle
 __all__ = ['STAGES', 'REPORT', 'RUN_FILES', 'WIDE_MARGIN', 'Stage', 'stage_state', 'run_status', 'show_pipeline',
            'RunMismatchError', 'profile_diff', 'stored_profile', 'discard_run', 'check_run', 'environment',
            'read_runlog', 'write_runlog', 'stage_totals', 'paper_point', 'show_training', 'write_report', 'preflight',
-           'run_profile_for', 'default_run', 'reproduce', 'usable_cores', 'recorded_threads', 'choose_threads', 'main']
+           'run_profile_for', 'default_run', 'shared_refines', 'reproduce', 'usable_cores', 'recorded_threads',
+           'choose_threads', 'main']
 
 # %% ../nbs/15_reproduce.ipynb #0b57a22e
 @dataclass(frozen=True)
@@ -430,6 +431,12 @@ def default_run(p: Profile, backbone: str | None = None) -> Path:
     "runs/<profile>, or runs/<profile>-scratch when `backbone` = 'scratch' overrides the profile's own."
     return Path('runs') / (f'{p.name}-scratch' if backbone == 'scratch' else p.name)
 
+def shared_refines(run, stage: Stage) -> list[Stage]:
+    "The later refine stages that can train in `stage`'s loop: LCR modes (they share the encoder's passes), none started yet."
+    if stage.mode not in LCR_MODES or stage_state(run, stage) != 'todo': return []
+    later = STAGES[STAGES.index(stage) + 1:]
+    return [g for g in later if g.mode in LCR_MODES and g.mode != stage.mode and stage_state(run, g) == 'todo']
+
 def reproduce(profile: Profile | str | None = 'demo', out=None, dataset: str | None = None, root=None, seed: int | None = None,
               device=None, force: bool = False, progress: bool = True, eval_dataset: str | None = None,
               command: str | None = None, backbone: str | None = None, say=None) -> Path:
@@ -458,7 +465,7 @@ def reproduce(profile: Profile | str | None = 'demo', out=None, dataset: str | N
     n, t_start = len(STAGES) + 1, time.perf_counter()
     say(f"sce-mae-reproduce: profile {p.name!r} (data {p.dataset}, seed {p.seed}) -> {run}  "
         f"[{env['machine']['device']}, {inv['threads']} threads, load average {inv['load_start']}]")
-    frames = None
+    frames, shared = None, {}   # refine stages trained in another stage's loop: name -> that stage
 
     def timed(name, action, fn):
         inv['stages'][name] = dict(action='running', started=_now())
@@ -473,6 +480,9 @@ def reproduce(profile: Profile | str | None = 'demo', out=None, dataset: str | N
     try:
         for i, s in enumerate(STAGES, 1):
             d = run / s.folder
+            if s.name in shared:
+                _banner(i, n, s.name, f"{s.title}: trained in the loop of {shared[s.name]} -> {d}", say)
+                continue
             state = stage_state(run, s)
             if s.mode and state == 'done':
                 ck = load_checkpoint(d / s.artefact)
@@ -505,8 +515,14 @@ def reproduce(profile: Profile | str | None = 'demo', out=None, dataset: str | N
                 timed(s.name, what, lambda: pretrain(p, d, root=root, resume=resume, device=device, seed=p.seed,
                                                      frames=frames, progress=progress))
             elif s.mode:
-                timed(s.name, what, lambda: refine(p, run / 'pretrain' / 'mae.pt', d, root=root, mode=s.mode, resume=resume,
-                                                   device=device, seed=p.seed, frames=frames, progress=progress))
+                group = [] if resume else shared_refines(run, s)
+                if group: say(f"      with {', '.join(g.name for g in group)} in one loop (the LCR modes share the encoder's passes)")
+                outs = {s.mode: d, **{g.mode: run / g.folder for g in group}}
+                timed(s.name, what, lambda: refine_modes(p, run / 'pretrain' / 'mae.pt', outs, root=root, resume=resume,
+                                                         device=device, seed=p.seed, frames=frames, progress=progress))
+                for g in group:
+                    inv['stages'][g.name] = dict(action=f'ran with {s.name}', finished=_now()); shared[g.name] = s.name
+                write_runlog(run, log)
             else:
                 timed(s.name, what, lambda: evaluate_run(run, p, root=root, out=d, seed=p.seed, progress=progress,
                                                          device=device))
