@@ -14,10 +14,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .split import split_tokens
 from .dpc import dpc_knn
 from .config import load_profile
+from .mae import grid_positions
 
 # %% auto #0
-__all__ = ['grid_positions', 'cluster_proxies', 'carb_select', 'complete_map', 'carb_inputs', 'Projector', 'pca_rgb',
-           'plot_completed_map', 'TensorMemoryMeter', 'bench_memory']
+__all__ = ['cluster_proxies', 'carb_select', 'complete_map', 'carb_inputs', 'Projector', 'pca_rgb', 'plot_completed_map',
+           'TensorMemoryMeter', 'bench_memory']
 
 # %% ../nbs/08_carb.ipynb #883dcb4d
 def _check_carb(tokens, att_idx, inatt_idx, centres, assign):
@@ -33,10 +34,6 @@ def _check_carb(tokens, att_idx, inatt_idx, centres, assign):
     K = centres.shape[1]
     if assign.numel() and (assign.min() < 0 or assign.max() >= K):
         raise ValueError(f"CARB: assign must hold cluster numbers 0..{K - 1}")
-
-def grid_positions(idx: torch.Tensor, grid: int) -> torch.Tensor:
-    "(row, col) in patch units, float, of grid indices `idx` (...,) on a grid x grid map -> (..., 2)."
-    return torch.stack([torch.div(idx, grid, rounding_mode='floor'), idx % grid], -1).float()
 
 def cluster_proxies(tokens: torch.Tensor, inatt_idx: torch.Tensor, assign: torch.Tensor, n_clusters: int) -> torch.Tensor:
     "Mean feature (B,K,D) of each cluster's members; `assign` (B,Ni) numbers the clusters of the tokens `inatt_idx` (B,Ni)."

@@ -13,9 +13,9 @@ import torch
 # %% auto #0
 __all__ = ['DEFAULT_PROFILE', 'USER_ERRORS', 'Profile', 'ProfileError', 'check_profile', 'settings_path', 'profile_names',
            'load_profile', 'DeviceError', 'check_device', 'get_device', 'seed_everything', 'set_threads',
-           'threads_limit', 'add_run_args', 'parse_run_args', 'cli', 'data_root', 'cache_dir', 'save_checkpoint',
-           'CheckpointError', 'load_checkpoint', 'finished_run', 'file_sha256', 'weights_sha256', 'clean_leftovers',
-           'writable_dir', 'sync_device', 'matmul_peak', 'bench_context', 'bench_note']
+           'threads_limit', 'add_run_args', 'parse_run_args', 'cli', 'data_root', 'cache_dir', 'write_atomic',
+           'save_checkpoint', 'CheckpointError', 'load_checkpoint', 'finished_run', 'file_sha256', 'weights_sha256',
+           'clean_leftovers', 'writable_dir', 'sync_device', 'matmul_peak', 'bench_context', 'bench_note']
 
 # %% ../nbs/00_config.ipynb #09ddaf18
 _ADDED = {'backbone': 'scratch'}   # keys added since the first release, with the value older files meant
@@ -375,19 +375,23 @@ def cache_dir(path=None) -> Path:
     return p
 
 # %% ../nbs/00_config.ipynb #29f9320d
-def save_checkpoint(obj: dict, path) -> Path:
-    "Write `obj` to `path` atomically (temp file in the same folder, then rename); the same `obj` gives the same bytes."
+def write_atomic(path, data: bytes) -> Path:
+    "Write `data` to `path` atomically: a temp file in the same folder, then a rename, so a reader sees the old file or the new one."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    buf = io.BytesIO()
-    torch.save(obj, buf)  # serialised in memory: a file target would embed its (temporary) name in the archive
     try:
-        tmp.write_bytes(buf.getvalue())
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         if tmp.exists(): tmp.unlink()
     return path
+
+def save_checkpoint(obj: dict, path) -> Path:
+    "Write `obj` to `path` atomically (`write_atomic`); the same `obj` gives the same bytes."
+    buf = io.BytesIO()
+    torch.save(obj, buf)  # serialised in memory: a file target would embed its (temporary) name in the archive
+    return write_atomic(path, buf.getvalue())
 
 class CheckpointError(ValueError):
     "A checkpoint file that cannot be read: damaged (truncated, empty) or not a plain-weights checkpoint."

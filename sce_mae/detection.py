@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 import matplotlib.pyplot as plt
 from .config import Profile, load_profile, save_checkpoint, load_checkpoint
-from .matching import grid_centres, bump_features, random_conv_features
+from .mae import grid_centres
+from .matching import bump_features, random_conv_features
 
 # %% auto #0
 __all__ = ['EYES', 'eye_indices', 'interocular_errors', 'interocular_error', 'to_unit', 'from_unit', 'Regressor',

@@ -16,10 +16,10 @@ from timm.layers import LayerNorm
 from .config import Profile, load_profile, load_checkpoint, save_checkpoint
 
 # %% auto #0
-__all__ = ['MEAN', 'STD', 'patchify', 'unpatchify', 'show_patches', 'sincos_pos_embed', 'random_masking', 'Encoded', 'MAE',
-           'mae_deit_tiny', 'mae_deit_small', 'mae_deit_base', 'reconstruct', 'show_reconstructions',
-           'encoder_param_count', 'show_attention', 'WeightLoadError', 'save_mae', 'load_vit_state_dict', 'load_mae',
-           'vit_gflop', 'mae_step_gflop']
+__all__ = ['MEAN', 'STD', 'patchify', 'unpatchify', 'show_patches', 'grid_positions', 'grid_centres', 'cell_centres',
+           'nearest_cell', 'sincos_pos_embed', 'random_masking', 'Encoded', 'MAE', 'mae_deit_tiny', 'mae_deit_small',
+           'mae_deit_base', 'reconstruct', 'show_reconstructions', 'encoder_param_count', 'show_attention',
+           'WeightLoadError', 'save_mae', 'load_vit_state_dict', 'load_mae', 'vit_gflop', 'mae_step_gflop']
 
 # %% ../nbs/04_mae.ipynb #bd33c577
 def patchify(imgs: torch.Tensor, patch: int) -> torch.Tensor:
@@ -59,6 +59,28 @@ def show_patches(img: torch.Tensor, patch: int = 8, n_show: int = 24):
         a.set_title(str(i), fontsize=6)
     fig.text(0.42, 0.9, f'the first {n_show} tokens (rows 0-{(n_show - 1) // (S // patch)}), left to right, top to bottom', fontsize=9)
     return fig
+
+# %% ../nbs/04_mae.ipynb #4f2bef52
+def grid_positions(idx: torch.Tensor, grid: int) -> torch.Tensor:
+    "(row, col) in patch units, float, of grid indices `idx` (...,) on a grid x grid map -> (..., 2)."
+    return torch.stack([torch.div(idx, grid, rounding_mode='floor'), idx % grid], -1).float()
+
+def grid_centres(n: int, size: int = 96) -> torch.Tensor:
+    "Pixel coordinates of the centres of the `n` cells of a map covering `size` pixels: (j + 0.5) size / n - 0.5."
+    return (torch.arange(n, dtype=torch.float32) + 0.5) * (size / n) - 0.5
+
+def cell_centres(grid: int, patch: int, device=None) -> torch.Tensor:
+    "(grid*grid, 2) pixel (x, y) centres of the token cells, row-major: ((j + 0.5) patch - 0.5, (i + 0.5) patch - 0.5)."
+    c = grid_centres(grid, grid * patch).to(device)
+    yy, xx = torch.meshgrid(c, c, indexing='ij')
+    return torch.stack([xx.reshape(-1), yy.reshape(-1)], -1)
+
+def nearest_cell(pts: torch.Tensor, hw: tuple[int, int], size: int = 96) -> torch.Tensor:
+    "Index (col, row) of the cell of an (h, w) map whose area holds each point (..., 2) in pixels of a `size` image."
+    h, w = hw
+    col = torch.floor((pts[..., 0] + 0.5) * (w / size)).long().clamp(0, w - 1)
+    row = torch.floor((pts[..., 1] + 0.5) * (h / size)).long().clamp(0, h - 1)
+    return torch.stack([col, row], -1)
 
 # %% ../nbs/04_mae.ipynb #fc929447
 def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:

@@ -14,26 +14,16 @@ from tqdm.auto import tqdm
 import matplotlib.pyplot as plt
 from .config import Profile, load_profile, save_checkpoint, load_checkpoint
 from .tps import tps_pair
+from .mae import grid_centres, nearest_cell
 
 # %% auto #0
-__all__ = ['FRAME', 'MATCHERS', 'DOT_COLOURS', 'grid_centres', 'nearest_cell', 'bump_features', 'match_points', 'match_errors',
-           'displacement_followed', 'make_pairs', 'matching_views', 'matching_eval', 'same_location_baseline',
-           'random_conv_features', 'DotFaces', 'dot_features', 'show_matches']
+__all__ = ['FRAME', 'MATCHERS', 'DOT_COLOURS', 'bump_features', 'match_points', 'match_errors', 'displacement_followed',
+           'make_pairs', 'matching_views', 'matching_eval', 'same_location_baseline', 'random_conv_features',
+           'DotFaces', 'dot_features', 'show_matches']
 
 # %% ../nbs/12_matching.ipynb #4c8f7536
 FRAME = 70                  # side of DVE's canonical frame: errors are reported in its pixels
 MATCHERS = ('paper', 'dve')
-
-def grid_centres(n: int, size: int = 96) -> torch.Tensor:
-    "Pixel coordinates of the centres of the `n` cells of a map covering `size` pixels: (j + 0.5) size / n - 0.5."
-    return (torch.arange(n, dtype=torch.float32) + 0.5) * (size / n) - 0.5
-
-def nearest_cell(pts: torch.Tensor, hw: tuple[int, int], size: int = 96) -> torch.Tensor:
-    "Index (col, row) of the cell of an (h, w) map whose area holds each point (..., 2) in pixels of a `size` image."
-    h, w = hw
-    col = torch.floor((pts[..., 0] + 0.5) * (w / size)).long().clamp(0, w - 1)
-    row = torch.floor((pts[..., 1] + 0.5) * (h / size)).long().clamp(0, h - 1)
-    return torch.stack([col, row], -1)
 
 # %% ../nbs/12_matching.ipynb #03103ea4
 def bump_features(lms: torch.Tensor, size: int = 96, stride: int = 4, sigma: float | None = None,

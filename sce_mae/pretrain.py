@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_pretrain.ipynb #029e88de
 from __future__ import annotations
-import argparse, importlib.resources, json, math, os, shutil, sys, time, warnings
+import argparse, importlib.resources, json, math, os, sys, time, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 from .config import (Profile, load_profile, get_device, seed_everything, save_checkpoint, load_checkpoint,
                             add_run_args, parse_run_args, cli, writable_dir, bench_context, bench_note, sync_device, file_sha256,
-                            set_threads, finished_run)
+                            set_threads, finished_run, write_atomic)
 from .mae import MAE, save_mae, load_mae, reconstruct, show_reconstructions, show_attention, mae_step_gflop
 
 # %% auto #0
@@ -378,6 +378,5 @@ def install_backbone(name: str, out) -> Path:
     "Copy shipped backbone `name` (its `mae.pt` and `log.json`) into the stage-1 folder `out` of a run, atomically; -> `out/mae.pt`."
     src, out = shipped_backbone(name), writable_dir(out)
     for f in (src.parent / 'log.json', src):                       # mae.pt last: it marks the stage done
-        tmp = out / f'.{f.name}.{os.getpid()}.tmp'
-        shutil.copyfile(f, tmp); os.replace(tmp, out / f.name)
+        write_atomic(out / f.name, f.read_bytes())
     return out / 'mae.pt'

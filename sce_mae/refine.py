@@ -13,17 +13,17 @@ from tqdm.auto import tqdm
 from .config import (Profile, load_profile, get_device, seed_everything, save_checkpoint, load_checkpoint,
                             add_run_args, parse_run_args, cli, writable_dir, bench_context, bench_note, file_sha256,
                             sync_device, finished_run)
-from .mae import MAE, load_mae
+from .mae import MAE, load_mae, grid_positions, cell_centres
 from .pretrain import (warmup_cosine, adamw, StepLog, load_frames, epoch_order, step_draws, augment,
                               seeded_generator, rng_state, set_rng_state)
-from .carb import carb_inputs, grid_positions, Projector
+from .carb import carb_inputs, Projector
 from .lcr import lcr_from_profile
 from .tps import tps_pair, map_points
 
 # %% auto #0
-__all__ = ['MODES', 'LCR_MODES', 'DVE_POW', 'DVE_SCALE', 'cell_centres', 'lcr_batches', 'stage2_batch', 'view_offsets',
-           'show_selection', 'dve_loss', 'refine_loss', 'make_refine_optimizer', 'refine_step', 'check_backbone',
-           'training_batches', 'refine_modes', 'refine', 'load_refined', 'main', 'bench_refine']
+__all__ = ['MODES', 'LCR_MODES', 'DVE_POW', 'DVE_SCALE', 'lcr_batches', 'stage2_batch', 'view_offsets', 'show_selection',
+           'dve_loss', 'refine_loss', 'make_refine_optimizer', 'refine_step', 'check_backbone', 'training_batches',
+           'refine_modes', 'refine', 'load_refined', 'main', 'bench_refine']
 
 # %% ../nbs/10_refine.ipynb #4b0606ea
 MODES = ('sce', 'no_cluster', 'dve')
@@ -32,12 +32,6 @@ LCR_MODES = ('sce', 'no_cluster')
 def _check_mode(mode):
     if mode not in MODES: raise ValueError(f"refine: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     return mode
-
-def cell_centres(grid: int, patch: int, device=None) -> torch.Tensor:
-    "(grid*grid, 2) pixel (x, y) centres of the token cells, row-major: ((j + 0.5) patch - 0.5, (i + 0.5) patch - 0.5)."
-    c = (torch.arange(grid, dtype=torch.float32, device=device) + 0.5) * patch - 0.5
-    yy, xx = torch.meshgrid(c, c, indexing='ij')
-    return torch.stack([xx.reshape(-1), yy.reshape(-1)], -1)
 
 def _encode(mae: MAE, imgs: torch.Tensor, p: Profile, split: bool = False):
     "The frozen encoder on `imgs` (bfloat16 autocast on CUDA); with `split`, also the split block's tokens and CLS attention."

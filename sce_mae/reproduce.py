@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from .config import (Profile, ProfileError, load_profile, get_device, load_checkpoint, add_run_args, parse_run_args,
-                            cli, writable_dir, check_device, CheckpointError, set_threads, weights_sha256)
+                            cli, writable_dir, check_device, CheckpointError, set_threads, weights_sha256, write_atomic)
 from .mae import load_mae
 from .pretrain import pretrain, load_frames, backbones_dir, shipped_backbone, install_backbone
 from .refine import refine_modes, LCR_MODES, file_sha256, check_backbone
@@ -184,8 +184,7 @@ def read_runlog(run) -> dict:
 
 def write_runlog(run, log: dict) -> None:
     f = Path(run) / 'run.json'
-    tmp = f.with_name(f'.run.json.{os.getpid()}.tmp')
-    tmp.write_text(json.dumps(log, indent=1)); os.replace(tmp, f)
+    write_atomic(f, json.dumps(log, indent=1).encode())
 
 def stage_totals(log: dict) -> dict:
     "Per stage: wall and CPU seconds summed over the invocations that ran or resumed it, and its last action."

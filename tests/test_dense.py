@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from sce_mae.config import load_profile, seed_everything, save_checkpoint
-from sce_mae.mae import MAE, save_mae
+from sce_mae.mae import MAE, save_mae, grid_centres
 from sce_mae.carb import Projector
 from sce_mae.dense import (DenseFeatures, dense_from_checkpoint, shifted_copies, shift_offsets, interleave, check_stride,
                            similarity_maps, STRIDES)
@@ -50,9 +50,7 @@ def test_every_token_lands_in_its_cell(p, s):
     assert torch.allclose(out[1][:, inner][inner], centre[inner][:, None].expand(-1, int(inner.sum())), atol=1e-4)
     # replicate padding: border cells see repeated edge pixels, so they sit at most (8 - s)/2 px inward
     assert (out[0][0] - centre).abs().max() <= (8 - s) / 2 + 1e-4
-    # the convention is the matching chapter's
-    matching = pytest.importorskip('sce_mae.matching')
-    assert torch.equal(matching.grid_centres(n, 96).float(), centre)
+    assert torch.equal(grid_centres(n, 96), centre.float())              # the kit's one grid convention (chapter 04)
 
 
 def test_wrong_interleaving_is_caught(p):

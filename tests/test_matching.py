@@ -7,7 +7,7 @@ import matplotlib
 matplotlib.use('Agg')
 from sce_mae.config import load_profile
 from sce_mae.tps import tps_pair
-from sce_mae.matching import (FRAME, MATCHERS, grid_centres, nearest_cell, bump_features, match_points, match_errors,
+from sce_mae.matching import (FRAME, MATCHERS, bump_features, match_points, match_errors,
                               make_pairs, matching_views, matching_eval, same_location_baseline, show_matches,
                               DotFaces, dot_features, _upsampled_sqnorm, _query, _match_paper, _match_paper_reference)
 
@@ -23,16 +23,6 @@ def prof():
 def dviews(prof):
     "Views of 16 DotFaces frames (136 px, cropped to 96 like DVE), computed once for the module."
     return matching_views(DotFaces(16), prof)
-
-
-def test_grid_centres_and_cells():
-    assert grid_centres(12, 96)[[0, -1]].tolist() == [3.5, 91.5]
-    assert grid_centres(24, 96)[[0, -1]].tolist() == [1.5, 93.5]
-    for n in (12, 24):   # a centre is the mean of its cell's pixel coordinates
-        torch.testing.assert_close(F.avg_pool1d(torch.arange(96.)[None, None], 96 // n)[0, 0], grid_centres(n, 96))
-    pts = torch.tensor([[7.49, 7.5], [-5., 100.]])
-    assert nearest_cell(pts, (12, 12)).tolist() == [[0, 1], [0, 11]]
-    assert nearest_cell(pts, (24, 24)).tolist() == [[1, 2], [0, 23]]
 
 
 @pytest.mark.parametrize('n', [12, 24])

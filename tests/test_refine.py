@@ -6,8 +6,9 @@ import torch
 from sce_mae.config import load_profile, load_checkpoint, seed_everything
 from sce_mae.pretrain import pretrain, load_frames, augment, step_draws
 from sce_mae.carb import Projector
+from sce_mae.mae import cell_centres
 from sce_mae.refine import (MODES, stage2_batch, refine_step, make_refine_optimizer, refine, load_refined, dve_loss,
-                            cell_centres, file_sha256, main)
+                            file_sha256, main)
 
 
 @pytest.fixture(scope='module')
