@@ -59,7 +59,7 @@ def lcr_batches(mae: MAE, imgs: torch.Tensor, profile: Profile | str, modes=LCR_
     if not modes or any(m not in LCR_MODES for m in modes):
         raise ValueError(f"lcr_batches: modes {modes} must be some of {', '.join(LCR_MODES)}")
     if imgs_b is not None and (imgs_b.shape != imgs.shape or shift is None or tuple(shift.shape) != (B, 2)):
-        raise ValueError(f"stage2_batch: imgs_b must be like imgs {tuple(imgs.shape)} and shift (B, 2) = ({B}, 2)")
+        raise ValueError(f"lcr_batches: imgs_b must be like imgs {tuple(imgs.shape)} and shift (B, 2) = ({B}, 2)")
     e = _encode(mae, imgs, p, split='sce' in modes)
     out = {m: _lcr_inputs(e, p, m) for m in modes}
     if imgs_b is not None:
@@ -264,7 +264,7 @@ def refine_modes(profile: Profile | str, backbone, outs: dict, dataset: str | No
         order = epoch_order(seed, epoch, n)
         for j in jobs.values(): j['books'].start_epoch()
         for i in range(spe):
-            batches = training_batches(mae, frames[order[i * B:(i + 1) * B]].to(dev, non_blocking=True), seed, epoch, i, p, jobs)
+            batches = training_batches(mae, frames[order[i * B:(i + 1) * B]].to(dev, non_blocking=True), seed, epoch, i, p, tuple(jobs))
             lr = warmup_cosine(step, total, warm, p.ref_lr)
             for m, j in jobs.items(): j['books'].step(refine_step(j['projector'], j['opt'], batches[m], lr, p).item(), step, epoch, lr)
             step += 1

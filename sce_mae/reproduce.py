@@ -514,14 +514,14 @@ def reproduce(profile: Profile | str | None = 'demo', out=None, dataset: str | N
                 timed(s.name, what, lambda: pretrain(p, d, root=root, resume=resume, device=device, seed=p.seed,
                                                      frames=frames, progress=progress))
             elif s.mode:
-                group = [] if resume else shared_refines(run, s)
+                group = shared_refines(run, s)                      # none when this stage resumes
                 if group: say(f"      with {', '.join(g.name for g in group)} in one loop (the LCR modes share the encoder's passes)")
                 outs = {s.mode: d, **{g.mode: run / g.folder for g in group}}
                 timed(s.name, what, lambda: refine_modes(p, run / 'pretrain' / 'mae.pt', outs, root=root, resume=resume,
                                                          device=device, seed=p.seed, frames=frames, progress=progress))
                 for g in group:
                     inv['stages'][g.name] = dict(action=f'ran with {s.name}', finished=_now()); shared[g.name] = s.name
-                write_runlog(run, log)
+                if group: write_runlog(run, log)
             else:
                 timed(s.name, what, lambda: evaluate_run(run, p, root=root, out=d, seed=p.seed, progress=progress,
                                                          device=device))
