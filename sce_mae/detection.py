@@ -131,8 +131,9 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor, alpha: float = 10.
 def train_regressor(feats: torch.Tensor, lms: torch.Tensor, profile: Profile | str | None = None, seed: int = 0,
                     size: int | None = None, epochs: int | None = None, batch: int | None = None,
                     lr: float | None = None, wd: float | None = None, conv_block: bool | None = None,
-                    n_kp: int | None = None, device=None, progress: bool = True) -> Regressor:
-    "Train DVE's regressor on frozen `feats` (N,C,h,w) to predict `lms` (N,P,2) pixels of `size`-px images."
+                    n_kp: int | None = None, device=None, progress: bool = True, callback=None) -> Regressor:
+    """Train DVE's regressor on frozen `feats` (N,C,h,w) to predict `lms` (N,P,2) pixels of `size`-px images.
+    `callback(epoch, reg)`, if given, runs after every epoch (a schedule study reads the regressor on the way)."""
     profile = load_profile(profile)
     size = size or profile.img_size
     epochs = profile.det_epochs if epochs is None else epochs
@@ -149,13 +150,14 @@ def train_regressor(feats: torch.Tensor, lms: torch.Tensor, profile: Profile | s
     opt = torch.optim.Adam(reg.parameters(), lr=lr, weight_decay=wd)
     target, g, n = to_unit(lms.float(), size), torch.Generator().manual_seed(seed), len(feats)
     reg.history = []
-    for _ in tqdm(range(epochs), disable=not progress, desc='regressor'):
+    for epoch in tqdm(range(epochs), disable=not progress, desc='regressor'):
         reg.train(); tot = 0.
         for idx in torch.randperm(n, generator=g).split(batch):
             loss = regression_loss(reg(feats[idx].to(device, torch.float32)), target[idx].to(device))
             opt.zero_grad(); loss.backward(); opt.step()
             tot += loss.item() * len(idx)
         reg.history.append(tot / n)
+        if callback is not None: callback(epoch + 1, reg)
     return reg.eval()
 
 @torch.no_grad()
