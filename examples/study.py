@@ -3,6 +3,7 @@
     python examples/study.py stage1 NAME [--profile demo] [--set KEY=VALUE ...] [--eval-at 2,4] [--save-at 4]
                                          [--enc-pos 1.0] [--rope 0] [--target pix|hog] [--data synth|mtfl --root PATH]
     python examples/study.py stage2 MAE_PT [--profile demo] [--set ...] [--modes sce,dve] [same variant flags]
+    python examples/study.py detection MAE_PT --data mtfl --root PATH [--refined DIR] [--det-at 5,10,15,20]
     python examples/study.py report runs/study [--figure docs/figures/study_scaling.png]
 
 `stage1` pretrains a backbone with the profile's recipe (plus `--set` overrides) into `--out/NAME`
@@ -11,7 +12,9 @@ raw-feature matching on the validation views: different- and same-identity error
 the 70x70 frame, stride 4), the fraction of the true displacement the matches follow, and the position R2
 of the features; `b0` is the last block after the final norm, `b3` block 3. `--save-at` keeps a `mae_eK.pt`.
 `stage2` refines projectors on such a `mae_eK.pt` (the profile's stage-2 recipe) and prints the same
-numbers for raw and refined features. Everything lands in `NAME/res.json` too. `report` gathers the
+numbers for raw and refined features. `detection` reads the landmark regressor's schedule: a regressor
+trained on the profile's `det_train` faces drawn from the rows before `--holdout`, its error (% of the
+inter-ocular distance) on the held-out rows after each epoch of `--det-at`. Everything lands in `NAME/res.json` too. `report` gathers the
 `res.json` files of a study folder into one JSON (stdout) and draws the scaling figure.
 
 Validation views, never the test split:
@@ -185,6 +188,34 @@ def stage2(a, p, views, out):
     (out / 'res.json').write_text(json.dumps(res, indent=1))
 
 
+def detection(a, p, views, out):
+    "Regressor schedule on held-out training faces, for raw features and each refined mode of `--refined` (DIR/refine_MODE/refined.pt)."
+    from sce_mae.datasets import get_dataset
+    from sce_mae.detection import extract_features, train_regressor, predict, interocular_errors, draw_subset
+    from sce_mae.evaluate import head, _which
+    if a.data == 'synth': raise SystemExit('study.py detection: real data only (--data mtfl --root PATH)')
+    at = sorted(int(x) for x in a.det_at.split(','))
+    crops = get_dataset(a.data, 'train', a.root, size=p.img_size)
+    tr_ds = Subset(crops, draw_subset(a.holdout, p.det_train, 0).tolist())      # drawn from the rows before the held-out ones
+    va_ds = Subset(crops, range(a.holdout, len(crops)))
+    mae = load_mae(a.name)
+    raw = DenseFeatures(mae, stride=p.eval_stride, which='stage1', l2=False)
+    tr, va = (extract_features(raw, ds, p.det_batch, dtype=torch.float16, progress=False) for ds in (tr_ds, va_ds))
+    rows = {'mae': None} | {m: load_refined(Path(a.refined) / f'refine_{m}' / 'refined.pt')[1] for m in (a.modes.split(',') if a.refined else [])}
+    res = dict(kind='detection', mae=a.name, refined=a.refined, set=a.kw, data=a.data, n_train=len(tr_ds), n_val=len(va_ds),
+               date=time.strftime('%Y-%m-%d'), threads=a.threads, rows={})
+    for k, proj in rows.items():
+        f_tr, f_va = (head(d['feats'], proj, _which(k, 'detection'), dtype=torch.float16) for d in (tr, va))
+        curve, t0 = {}, time.time()
+        def read(epoch, reg):
+            if epoch in at:
+                curve[epoch] = round(float(interocular_errors(predict(reg, f_va, p.img_size), va['lms'], va['eyes']).mean()), 3)
+        train_regressor(f_tr, tr['lms'], p, seed=0, epochs=at[-1], progress=False, callback=read)
+        res['rows'][k] = dict(val_error=curve, train_s=round(time.time() - t0, 1))
+        print(k, json.dumps(res['rows'][k]), flush=True)
+        (out / 'res.json').write_text(json.dumps(res, indent=1))
+
+
 def _same_loc(views) -> float:
     return round(same_location_baseline(views=views)['same_location']['different'], 3)
 
@@ -227,7 +258,7 @@ def plot_scaling(results: list[dict], curves: dict, title: str = 'stage-1 image 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description='Stage-1 study trials on validation data (see the module docstring).')
-    ap.add_argument('what', choices=('stage1', 'stage2', 'report'))
+    ap.add_argument('what', choices=('stage1', 'stage2', 'detection', 'report'))
     ap.add_argument('name', help='stage1: the trial name (its folder under --out); stage2: a mae_eK.pt; report: the study folder')
     ap.add_argument('--figure', default=None, help='report: write the scaling figure here')
     ap.add_argument('--curves', default='synth=L_synth,mtfl=L_mtfl', help='report: DATA=RUN[+RUN] panels of the figure')
@@ -238,7 +269,9 @@ def main(argv=None):
     ap.add_argument('--nv', type=int, default=300, help='validation images (pairs of 2)')
     ap.add_argument('--eval-at', default='', help='epochs to evaluate after (default: the last)')
     ap.add_argument('--save-at', default='', help='epochs to keep a mae_eK.pt of')
-    ap.add_argument('--modes', default='sce', help='stage2: refine modes')
+    ap.add_argument('--modes', default='sce', help='stage2: refine modes; detection: the modes of --refined')
+    ap.add_argument('--refined', default=None, help='detection: a folder with refine_MODE/refined.pt of the backbone')
+    ap.add_argument('--det-at', default='5,10,15,20', help='detection: epochs to read the regressor after')
     ap.add_argument('--enc-pos', type=float, default=1.0); ap.add_argument('--rope', type=float, default=0.0)
     ap.add_argument('--target', default='pix', choices=('pix', 'hog'))
     a = ap.parse_args(argv)
@@ -261,9 +294,9 @@ def main(argv=None):
         ap.error(f'--data {a.data}: train on rows before the held-out ones: --set n_train=N with N <= --holdout {a.holdout}')
     variants(a)
     views = validation_views(a, p)
-    out = Path(a.out) / (a.name if a.what == 'stage1' else f'{Path(a.name).parent.name}-{Path(a.name).stem}-stage2')
+    out = Path(a.out) / (a.name if a.what == 'stage1' else f'{Path(a.name).parent.name}-{Path(a.name).stem}-{a.what}')
     out.mkdir(parents=True, exist_ok=True)
-    (stage1 if a.what == 'stage1' else stage2)(a, p, views, out)
+    dict(stage1=stage1, stage2=stage2, detection=detection)[a.what](a, p, views, out)
 
 
 if __name__ == '__main__':

@@ -13,14 +13,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 import matplotlib.pyplot as plt
-from .config import Profile, load_profile, save_checkpoint, load_checkpoint
+from .config import Profile, load_profile, save_checkpoint, load_checkpoint, threads_limit
 from .mae import grid_centres
 from .matching import bump_features, random_conv_features
 
 # %% auto #0
-__all__ = ['EYES', 'eye_indices', 'interocular_errors', 'interocular_error', 'to_unit', 'from_unit', 'Regressor',
-           'extract_features', 'regression_loss', 'train_regressor', 'predict', 'draw_subset', 'evaluate_regressor',
-           'detection_eval', 'show_detections']
+__all__ = ['EYES', 'F32_ONCE_BYTES', 'eye_indices', 'interocular_errors', 'interocular_error', 'to_unit', 'from_unit',
+           'Regressor', 'extract_features', 'regression_loss', 'train_regressor', 'predict', 'draw_subset',
+           'evaluate_regressor', 'detection_eval', 'show_detections']
 
 # %% ../nbs/13_detection.ipynb #5347cb2d
 EYES = {5: (0, 1), 68: (36, 45)}
@@ -124,6 +124,8 @@ def extract_features(feat_fn, dataset, batch: int = 64, path=None, dtype=torch.f
     return out
 
 # %% ../nbs/13_detection.ipynb #524f8ee1
+F32_ONCE_BYTES = 2 ** 31   # train_regressor casts half-precision CPU features to float32 once when the copy fits in 2 GiB
+
 def regression_loss(pred: torch.Tensor, target: torch.Tensor, alpha: float = 10.) -> torch.Tensor:
     "DVE's loss: smooth-L1 between predictions and targets in [-1, 1], both scaled by `alpha` = 10."
     return F.smooth_l1_loss(pred * alpha, target * alpha)
@@ -148,6 +150,8 @@ def train_regressor(feats: torch.Tensor, lms: torch.Tensor, profile: Profile | s
         torch.manual_seed(seed)
         reg = Regressor(feats.shape[1], lms.shape[1], n_kp or profile.det_n_kp, conv_block).to(device)
     opt = torch.optim.Adam(reg.parameters(), lr=lr, weight_decay=wd)
+    if device.type == 'cpu' and feats.dtype != torch.float32 and feats.numel() * 4 <= F32_ONCE_BYTES:
+        feats = feats.float()          # cast once, not once per epoch (the same values: half -> float is exact)
     target, g, n = to_unit(lms.float(), size), torch.Generator().manual_seed(seed), len(feats)
     reg.history = []
     for epoch in tqdm(range(epochs), disable=not progress, desc='regressor'):
@@ -175,14 +179,16 @@ def draw_subset(n_total: int, n: int, seed: int = 0) -> torch.Tensor:
 
 def evaluate_regressor(train: dict, test: dict, profile: Profile | str | None = None, n_train: int | None = None,
                        seed: int = 0, size: int | None = None, return_model: bool = False,
-                       progress: bool = True, **train_kw) -> dict:
-    "Detection protocol on cached features (`extract_features` dicts): draw, train, test; plain-number results."
+                       progress: bool = True, train_threads: int | None = None, **train_kw) -> dict:
+    """Detection protocol on cached features (`extract_features` dicts): draw, train, test; plain-number results.
+    `train_threads`: threads of the training loop only (None: the caller's); predicting the test set is the heavy part."""
     profile = load_profile(profile)
     size = size or profile.img_size
     t0 = time.time()
     idx = draw_subset(len(train['feats']), profile.det_train if n_train is None else n_train, seed)
-    reg = train_regressor(train['feats'][idx], train['lms'][idx], profile, seed=seed, size=size,
-                          progress=progress, **train_kw)
+    with threads_limit(train_threads):
+        reg = train_regressor(train['feats'][idx], train['lms'][idx], profile, seed=seed, size=size,
+                              progress=progress, **train_kw)
     pred = predict(reg, test['feats'], size)
     errs = interocular_errors(pred, test['lms'], test['eyes'])
     train_err = interocular_error(predict(reg, train['feats'][idx], size), train['lms'][idx], train['eyes'][idx])

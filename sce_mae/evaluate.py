@@ -442,7 +442,7 @@ def _limited_row(tr, te, p, seed, dev=None) -> dict:
         for rep, idx in enumerate(limited_draws(len(tr['feats']), n, p.limited_repeats, seed)):
             sub = {key: tr[key][idx] for key in ('feats', 'lms', 'eyes', 'index')}
             rr = evaluate_regressor(sub, te, p, n_train=0, seed=limited_seed(seed, n, rep), progress=False,
-                                    epochs=limited_epochs(n, p), conv_block=False, device=dev)
+                                    epochs=limited_epochs(n, p), conv_block=False, device=dev, train_threads=1)
             errs.append(rr['error']); draws.append(tr['index'][idx].tolist()); used = len(idx)
         mu, sd = _mean_std(errs)
         out[str(n)] = dict(mean=mu, std=sd, errors=errs, n_train=used, draws=draws)
@@ -488,9 +488,10 @@ def _detection_step(raw, proj, avail, train, test, p, seed, cdir, keys, dev, thr
         t0 = time.time()
         det[k], preds[k], tr, te = _detection_row(tr_tok, te_tok, proj, k, p, seed, dev, threads)
         T['detection'] += time.time() - t0; t0 = time.time()
-        with threads_limit(1):
+        with threads_limit(threads):   # each small regressor trains in one thread; predicting the test set takes `threads`
             if k in limited_rows: lim['rows'][k] = _limited_row(tr, te, p, seed, dev)
-            T['limited'] += time.time() - t0; t0 = time.time()
+        T['limited'] += time.time() - t0; t0 = time.time()
+        with threads_limit(1):
             maps = head(te_tok['feats'][:nq], proj.get(k), _which(k, 'descriptor'))
             desc, lab = landmark_descriptors(maps, te_tok['lms'][:nq], p.img_size)
             qual['rows'][k] = dict(silhouette=silhouette(desc, lab), dim=int(desc.shape[1]), position_r2=position_r2(maps),

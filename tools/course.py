@@ -1,0 +1,68 @@
+"""Run the course and keep its outputs: every notebook of nbs/, in order, each top to bottom in a fresh
+Python process and IPython shell (the shell nbdev-test runs them in), and its outputs written back into
+the notebook, so that a reader on GitHub sees every figure, table and printed shape.
+
+    python tools/course.py                  # every notebook (about 10 minutes on 2 cores)
+    python tools/course.py 05 13            # only the notebooks whose names start with 05 or 13
+    python tools/course.py --flags slow     # also run the #| slow cells (their outputs are kept too)
+
+The cells nbdev-test skips stay skipped (`#| slow`, `#| gpu`, `#| notest`, unless --flags names them);
+they keep no output. Figures are PNG at 72 dpi. The notebooks seed everything they draw, so a rerun on
+the same machine gives the same figures and numbers (printed timings aside). Afterwards the notebooks
+are cleaned (`nbdev-clean`: metadata and execution counts go, outputs stay), as `test.sh` expects.
+"""
+import argparse, os, subprocess, sys, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DPI = 72
+
+
+def run_one(fn: Path, flags: list[str]) -> None:
+    "Execute notebook `fn` in this process, the way nbdev-test does, and write its outputs back (only if every cell ran)."
+    from execnb.shell import CaptureShell
+    from fastcore.nbio import write_nb
+    from nbdev.config import get_config
+    from nbdev.process import NBProcessor
+    from nbdev.test import _skip_cell
+    skip = [f for f in str(get_config().tst_flags).split()]
+    nb = NBProcessor(fn, rm_directives=False, process=True).nb
+    shell = CaptureShell(fn, mpl_format=None)
+    shell.enable_matplotlib('inline')
+    shell._run("from matplotlib_inline.backend_inline import set_matplotlib_formats as _f; _f('jpeg', pil_kwargs={'quality': 85}); del _f")
+    shell._run(f"import matplotlib as _mpl; _mpl.rcParams['figure.dpi'] = {DPI}; del _mpl")
+    os.chdir(fn.parent)
+    shell.run_all(nb, exc_stop=True, preproc=_skip_cell(nb, skip, flags))
+    write_nb(nb, fn)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Run every notebook of the course in order and keep its outputs.")
+    ap.add_argument('only', nargs='*', help='run only the notebooks whose names start with these (e.g. 05 13)')
+    ap.add_argument('--flags', default='', help='space-separated cell flags to run as well (e.g. "slow")')
+    ap.add_argument('--threads', type=int, default=1, help='math threads of each notebook (default 1, as test.sh)')
+    ap.add_argument('--one', default=None, help=argparse.SUPPRESS)          # internal: run this one notebook here
+    a = ap.parse_args(argv)
+    if a.one:
+        return run_one(Path(a.one), a.flags.split())
+    nbs = sorted((ROOT / 'nbs').glob('*.ipynb'), key=lambda f: (f.name != 'index.ipynb', f.name))
+    if a.only:
+        nbs = [f for f in nbs if any(f.name.startswith(o) for o in a.only)]
+        if not nbs: ap.error(f"no notebook of nbs/ starts with {' or '.join(a.only)}")
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
+    env.pop('MPLBACKEND', None)                                             # the shell's inline backend draws the figures
+    t_all, failed = time.time(), []
+    for i, fn in enumerate(nbs, 1):
+        t0 = time.time()
+        print(f"[{i}/{len(nbs)}] {fn.name} ...", end=' ', flush=True)
+        r = subprocess.run([sys.executable, __file__, '--one', str(fn), '--flags', a.flags], env=env, cwd=ROOT)
+        print(f"{'ok' if r.returncode == 0 else 'FAILED'} ({time.time() - t0:.0f} s)", flush=True)
+        if r.returncode: failed.append(fn.name)
+    subprocess.run(['nbdev-clean'], cwd=ROOT, check=True)
+    print(f"{len(nbs) - len(failed)} of {len(nbs)} notebooks ran in {(time.time() - t_all) / 60:.1f} min; outputs kept"
+          + (f"; FAILED (outputs unchanged): {', '.join(failed)}" if failed else ''))
+    if failed: sys.exit(1)
+
+
+if __name__ == '__main__':
+    main()
