@@ -35,3 +35,10 @@ def test_study_refuses_training_on_validation_rows(tmp_path):
     r = _run('stage1', 'bad', '--profile', 'smoke', '--set', 'n_train=0', '--data', 'mtfl', '--root', str(tmp_path), '--out', str(tmp_path),
              env_cache=tmp_path / 'cache')
     assert r.returncode == 2 and 'held-out' in r.stderr
+
+
+def test_study_detection_needs_real_data(tmp_path):
+    "The regressor-schedule study reads held-out training faces of a real dataset: on SynthFaces it says so and stops."
+    r = _run('detection', str(tmp_path / 'mae_e1.pt'), '--profile', 'smoke', '--nv', '12', '--out', str(tmp_path),
+             env_cache=tmp_path / 'cache')
+    assert r.returncode == 1 and 'real data only' in r.stderr
