@@ -31,7 +31,8 @@ __all__ = ['PAPER_SOURCE', 'PAPER_MATCHING', 'PAPER_DETECTION_SETS', 'PAPER_DETE
            'PAPER_COLUMN', 'ROWS', 'FEATURE_ROWS', 'PROJECTOR_ROWS', 'MEAN_SHAPE', 'IN_DOMAIN', 'find_run',
            'run_profile', 'head', 'TokenMemo', 'row_fn', 'limited_seed', 'limited_draws', 'limited_epochs',
            'landmark_descriptors', 'silhouette', 'tsne_embed', 'position_r2', 'results_markdown', 'plot_tsne',
-           'plot_limited', 'data_fingerprint', 'cache_key', 'in_domain_split', 'evaluate_run', 'main', 'bench_matching']
+           'plot_limited', 'figure_preview', 'data_fingerprint', 'cache_key', 'in_domain_split', 'evaluate_run', 'main',
+           'bench_matching']
 
 # %% ../nbs/14_evaluate.ipynb #b1b17172
 PAPER_SOURCE = ("Yin et al., SCE-MAE: Selective Correspondence Enhancement with Masked Autoencoder for "
@@ -326,6 +327,17 @@ def plot_limited(res: dict):
     ax.set_title(f"limited annotations ({res['dataset']}; ours: {lim['repeats']} draws each)", fontsize=9)
     ax.legend(fontsize=7); fig.tight_layout()
     return fig
+
+# %% ../nbs/14_evaluate.ipynb #b6678489
+def figure_preview(path, width: int = 720, quality: int = 85):
+    "A saved figure for a notebook's outputs: scaled to `width` px and re-encoded as JPEG (a fraction of the PNG's bytes)."
+    from io import BytesIO
+    from IPython.display import Image as IPImage
+    from PIL import Image as PILImage
+    im = PILImage.open(path).convert('RGB')
+    if im.width > width: im = im.resize((width, round(im.height * width / im.width)), PILImage.LANCZOS)
+    buf = BytesIO(); im.save(buf, 'JPEG', quality=quality)
+    return IPImage(data=buf.getvalue(), format='jpeg', width=width)
 
 # %% ../nbs/14_evaluate.ipynb #6182f74e
 def data_fingerprint(ds) -> dict:
