@@ -35,6 +35,7 @@ def _check_carb(tokens, att_idx, inatt_idx, centres, assign):
     if assign.numel() and (assign.min() < 0 or assign.max() >= K):
         raise ValueError(f"CARB: assign must hold cluster numbers 0..{K - 1}")
 
+# %% ../nbs/08_carb.ipynb #f2bb7887
 def cluster_proxies(tokens: torch.Tensor, inatt_idx: torch.Tensor, assign: torch.Tensor, n_clusters: int) -> torch.Tensor:
     "Mean feature (B,K,D) of each cluster's members; `assign` (B,Ni) numbers the clusters of the tokens `inatt_idx` (B,Ni)."
     B, N, D = tokens.shape
@@ -45,6 +46,7 @@ def cluster_proxies(tokens: torch.Tensor, inatt_idx: torch.Tensor, assign: torch
     if (counts == 0).any(): raise ValueError("CARB: a cluster has no member (every centre must belong to its own cluster)")
     return sums / counts[..., None]
 
+# %% ../nbs/08_carb.ipynb #6f2e657c
 def carb_select(tokens: torch.Tensor, att_idx: torch.Tensor, inatt_idx: torch.Tensor, centres: torch.Tensor,
                 assign: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "The selected set: (sel (B,T,D), pos (B,T,2) (row, col), is_att (B,T)), attentive tokens first, then the K proxies."
@@ -60,6 +62,7 @@ def carb_select(tokens: torch.Tensor, att_idx: torch.Tensor, inatt_idx: torch.Te
     is_att = torch.cat([torch.ones_like(att_idx, dtype=torch.bool), torch.zeros_like(centres, dtype=torch.bool)], 1)
     return sel, pos, is_att
 
+# %% ../nbs/08_carb.ipynb #900e7ff4
 def complete_map(tokens: torch.Tensor, att_idx: torch.Tensor, inatt_idx: torch.Tensor, centres: torch.Tensor,
                  assign: torch.Tensor) -> torch.Tensor:
     "The completed map (B,N,D): attentive tokens unchanged, every inattentive token replaced by its cluster's proxy."
@@ -110,6 +113,7 @@ def pca_rgb(maps: torch.Tensor) -> torch.Tensor:
     y = (y - y.amin(0)) / (y.amax(0) - y.amin(0)).clamp_min(1e-12)
     return y.reshape(*maps.shape[:2], -1)
 
+# %% ../nbs/08_carb.ipynb #ff0d4704
 def plot_completed_map(tokens: torch.Tensor, completed: torch.Tensor, att_idx: torch.Tensor, grid: int, img=None):
     "One image's token map (N,D) and its completed map (N,D) in PCA colours, attentive tokens outlined."
     rgb = pca_rgb(torch.stack([tokens, completed]))
@@ -161,6 +165,7 @@ def _peak_bytes(fn, device) -> int:
         del out
     return mm.peak
 
+# %% ../nbs/08_carb.ipynb #44cf745e
 def bench_memory(batch: int = 64, dim: int = 192, grid: int = 12, proj_dim: int = 64, eta: float = 0.1,
                  dpc_k: int = 5, k_c: int = 4, hyper_channels: tuple = (192, 192, 192, 192),
                  hyper_sizes: tuple | None = None, hyper_size: int = 48, device=None, seed: int = 0) -> dict:

@@ -130,9 +130,11 @@ _TRUE, _FALSE = {'1', 'true', 'yes', 'on'}, {'0', 'false', 'no', 'off'}
 def _fmt(v):
     return ', '.join(map(str, v)) if isinstance(v, tuple) else str(v)
 
+# %% ../nbs/00_config.ipynb #80334e0d
 def _hints():
     return typing.get_type_hints(Profile)
 
+# %% ../nbs/00_config.ipynb #cc9f9d20
 def _parse(key, raw, typ, where):
     "Parse one value (a string from the file, or a Python value) as `typ`."
     bad = ProfileError(f"{where}: {key} = {raw!r} is not a valid {getattr(typ, '__name__', str(typ))}")
@@ -160,6 +162,7 @@ def _parse(key, raw, typ, where):
         except ProfileError: raise bad from None
     raise TypeError(f"unsupported field type {typ}")
 
+# %% ../nbs/00_config.ipynb #32966239
 def _build(name, values: dict, where: str) -> Profile:
     hints = _hints()
     known = [f.name for f in fields(Profile) if f.name != 'name']
@@ -211,6 +214,7 @@ def _relations(p: Profile) -> list[tuple[str, bool, str]]:
          f"to divide patch_size {p.patch_size} with patch_size - eval_stride even"),
     ]
 
+# %% ../nbs/00_config.ipynb #4967c554
 def check_profile(p: Profile, where: str = 'profile') -> Profile:
     "`p` if every field is in its range and the fields agree; else a `ProfileError` naming `where` and the key."
     for k, (ok, rule) in _RANGES.items():
@@ -225,6 +229,7 @@ def check_profile(p: Profile, where: str = 'profile') -> Profile:
 def _pkg_dir() -> Path:
     return Path(importlib.import_module('sce_mae').__file__).resolve().parent
 
+# %% ../nbs/00_config.ipynb #562c0ac8
 def settings_path(path=None) -> Path:
     "The `settings.ini` that profiles are read from (see the lookup order above)."
     p = path or os.environ.get('SCE_MAE_SETTINGS')
@@ -236,6 +241,7 @@ def settings_path(path=None) -> Path:
         if p.is_file() and '[smoke]' in p.read_text(): return p
     raise ProfileError(f"no settings.ini found next to or inside the package at {_pkg_dir()}")
 
+# %% ../nbs/00_config.ipynb #38c1ce1d
 def profile_names(path=None) -> list[str]:
     "The profiles defined in `settings.ini`."
     cp = configparser.ConfigParser()
@@ -264,6 +270,7 @@ def load_profile(name: str | Profile | None = None, path=None, **overrides) -> P
 class DeviceError(ValueError):
     "A device name torch does not know, or one this machine does not have."
 
+# %% ../nbs/00_config.ipynb #821f145c
 def check_device(device: str | torch.device) -> torch.device:
     "`device` as a `torch.device`, if this machine has it."
     try: d = torch.device(device)
@@ -279,6 +286,7 @@ def check_device(device: str | torch.device) -> torch.device:
     elif d.type != 'cpu': raise DeviceError(f"device {device!r}: the kit runs on cpu, cuda or mps")
     return d
 
+# %% ../nbs/00_config.ipynb #2367b108
 def get_device(device: str | torch.device | None = None) -> torch.device:
     "`device`, else `$SCE_MAE_DEVICE`, else cuda, then mps, then cpu; a device this machine lacks is a `DeviceError`."
     device = device or os.environ.get('SCE_MAE_DEVICE')
@@ -288,6 +296,7 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
     if mps is not None and mps.is_available(): return torch.device('mps')
     return torch.device('cpu')
 
+# %% ../nbs/00_config.ipynb #3ca14351
 def seed_everything(seed: int) -> torch.Generator:
     "Seed Python, NumPy and PyTorch (all devices); returns a CPU generator seeded the same way."
     random.seed(seed)
@@ -317,8 +326,9 @@ def threads_limit(n: int | None):
 # %% ../nbs/00_config.ipynb #71a09ae3
 def add_run_args(ap, profile: str = "run profile of settings.ini (default $SCE_MAE_PROFILE or demo)",
                  dataset: str = "dataset name (default: the profile's)", seed: str = "seed (default: the profile's)",
-                 seed_default: int | None = None):
-    "Add the options every sce-mae tool shares (--profile, --settings, --dataset, --root, --seed, --device) to the parser `ap`."
+                 seed_default: int | None = None, resumable: bool = False):
+    """Add the options every sce-mae tool shares (--profile, --settings, --dataset, --root, --seed, --device) to the parser `ap`;
+    `resumable`: also --resume and --stop-after, the options of the training commands."""
     ap.add_argument('--profile', default=None, help=profile)
     ap.add_argument('--settings', default=None, metavar='FILE',
                     help="settings.ini to read the profiles from (default $SCE_MAE_SETTINGS, else the kit's)")
@@ -326,8 +336,12 @@ def add_run_args(ap, profile: str = "run profile of settings.ini (default $SCE_M
     ap.add_argument('--root', default=None, help='data root of a real dataset (default $SCE_MAE_DATA)')
     ap.add_argument('--seed', type=int, default=seed_default, help=seed)
     ap.add_argument('--device', default=None, help='cpu, cuda, cuda:1, mps (default: best available)')
+    if resumable:
+        ap.add_argument('--resume', action='store_true', help='continue the run in --out from its last checkpoint')
+        ap.add_argument('--stop-after', type=int, default=None, help='stop after this many epochs (resume later)')
     return ap
 
+# %% ../nbs/00_config.ipynb #7d89be2b
 def parse_run_args(ap, argv=None) -> argparse.Namespace:
     "Parse the command line, then check before any work: `--settings` (kept as `$SCE_MAE_SETTINGS` for every profile this process loads), `--profile`, `--device`."
     a = ap.parse_args(argv)
@@ -364,6 +378,7 @@ def data_root(root=None, subdir: str | None = None) -> Path:
     if subdir and (p/subdir).is_dir(): p = p/subdir
     return p
 
+# %% ../nbs/00_config.ipynb #1a986fe8
 def cache_dir(path=None) -> Path:
     "Folder for generated caches: `path`, else `$SCE_MAE_CACHE`, else `data/cache` of the checkout, else ~/.cache/sce_mae."
     p = path or os.environ.get('SCE_MAE_CACHE')
@@ -387,6 +402,7 @@ def write_atomic(path, data: bytes) -> Path:
         if tmp.exists(): tmp.unlink()
     return path
 
+# %% ../nbs/00_config.ipynb #1fc7d362
 def save_checkpoint(obj: dict, path) -> Path:
     "Write `obj` to `path` atomically (`write_atomic`); the same `obj` gives the same bytes."
     buf = io.BytesIO()
@@ -396,6 +412,7 @@ def save_checkpoint(obj: dict, path) -> Path:
 class CheckpointError(ValueError):
     "A checkpoint file that cannot be read: damaged (truncated, empty) or not a plain-weights checkpoint."
 
+# %% ../nbs/00_config.ipynb #3ce7a95b
 def load_checkpoint(path, map_location='cpu') -> dict:
     "Read a checkpoint written by `save_checkpoint` (weights only: tensors and plain values); a damaged file is a `CheckpointError` naming it."
     path = Path(path)
@@ -409,6 +426,7 @@ def load_checkpoint(path, map_location='cpu') -> dict:
     if not isinstance(ck, dict): raise CheckpointError(f"{path} holds a {type(ck).__name__}, not a checkpoint dict")
     return ck
 
+# %% ../nbs/00_config.ipynb #0144e6a0
 def finished_run(path, progress: bool = True, **identity) -> bool:
     "Whether a run's final file `path` exists; if it does, it must hold `identity` (`profile=..., seed=...`), and it is left as it is."
     path = Path(path)
@@ -428,6 +446,7 @@ def file_sha256(path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b''): h.update(chunk)
     return h.hexdigest()
 
+# %% ../nbs/00_config.ipynb #3b459c22
 def weights_sha256(path) -> str:
     "SHA-256 of the weights in a `mae.pt` ('model') or `refined.pt` ('projector'): their values, not the file's bytes."
     import hashlib
@@ -447,6 +466,7 @@ def _pid_alive(pid: int) -> bool:
     except (PermissionError, OSError): return True
     return True
 
+# %% ../nbs/00_config.ipynb #4e45de35
 def clean_leftovers(folder) -> list[Path]:
     "Remove the temporary files (`.NAME.PID.tmp`) and folders (`NAME.tmp-PID`) of dead processes in `folder`; -> what went."
     import re, shutil
@@ -459,6 +479,7 @@ def clean_leftovers(folder) -> list[Path]:
             gone.append(f)
     return gone
 
+# %% ../nbs/00_config.ipynb #59aa5cf2
 def writable_dir(folder) -> Path:
     "Create `folder` if needed and check that files can be written in it (before a run starts, not after an epoch)."
     folder = Path(folder)
@@ -476,6 +497,7 @@ def sync_device(dev: torch.device):
     "Wait for the device's queued work (a no-op on a CPU): what a timer needs around the timed work."
     if dev.type == 'cuda': torch.cuda.synchronize(dev)
 
+# %% ../nbs/00_config.ipynb #d3998032
 def matmul_peak(device=None, n: int | None = None, reps: int = 5) -> float:
     "Measured float32 matmul throughput (GFLOP/s) of square n x n products (n: 2048 on a CPU, 8192 on a GPU), best of `reps`."
     dev = torch.device(device) if device is not None else torch.device('cpu')
@@ -489,6 +511,7 @@ def matmul_peak(device=None, n: int | None = None, reps: int = 5) -> float:
             if i: best = min(best, time.perf_counter() - t0)     # the first product warms the kernels up
     return 2 * n ** 3 / best / 1e9
 
+# %% ../nbs/00_config.ipynb #e9330b99
 def bench_context(device=None) -> dict:
     "What every benchmark records beside its result: device, threads, load average (1, 5, 15 min) and the measured matmul peak."
     dev = torch.device(device) if device is not None else torch.device('cpu')

@@ -36,6 +36,7 @@ def frame_geometry(size: int = CROP) -> tuple[int, int]:
     border = round(size * BORDER / CROP)
     return size + 2 * border, border
 
+# %% ../nbs/02_datasets.ipynb #bb34a76f
 def map_points(pts, box, out) -> np.ndarray:
     "Map (x, y) pixel-centre points of an image to the image made by `crop_resize(img, box, out)`."
     pts = np.asarray(pts, dtype=np.float64)
@@ -44,6 +45,7 @@ def map_points(pts, box, out) -> np.ndarray:
     s = np.array([ow / (r - l), oh / (b - t)])
     return ((pts + 0.5 - np.array([l, t])) * s - 0.5).astype(np.float32)
 
+# %% ../nbs/02_datasets.ipynb #1dcf6e4d
 def crop_resize(img: Image.Image, box, out) -> Image.Image:
     "Resample region `box` (left, top, right, bottom; pixel-edge coordinates) of `img` to `out` pixels (int or (w, h)), bilinear with antialiasing, zero padding outside the image."
     ow, oh = (out, out) if np.isscalar(out) else out
@@ -60,10 +62,12 @@ def crop_resize(img: Image.Image, box, out) -> Image.Image:
         l, t, r, b = max(l, 0.), max(t, 0.), min(r, float(img.size[0])), min(b, float(img.size[1]))
     return img.resize((int(ow), int(oh)), Image.BILINEAR, box=(l, t, r, b))
 
+# %% ../nbs/02_datasets.ipynb #27bdfb57
 def image_tensor(a) -> torch.Tensor:
     "(3, H, W) float32 tensor in [0, 1] from an H x W x 3 uint8 array (in NumPy: no thread pool per image)."
     return torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(2, 0, 1), dtype=np.float32) / np.float32(255))
 
+# %% ../nbs/02_datasets.ipynb #68eaa900
 def input_box(frame_box, size: int = CROP, full: bool = False):
     "The region of the raw image that becomes the output: the frame box (`full`) or its central `size` crop. Returns (box, out)."
     F, bd = frame_geometry(size)
@@ -84,6 +88,7 @@ def _find(cands, what: str) -> Path:
         if Path(c).exists(): return Path(c)
     raise FileNotFoundError(f"{what}: not found; looked for " + ', '.join(str(c) for c in cands))
 
+# %% ../nbs/02_datasets.ipynb #e0f4f112
 def _rows(path: Path, nfields=None, min_fields: int = 1, skip: int = 0):
     "Yield (line number, tokens) of the non-blank lines of a text annotation file after `skip` lines."
     path = _need(path, 'annotation file')
@@ -98,6 +103,7 @@ def _rows(path: Path, nfields=None, min_fields: int = 1, skip: int = 0):
             raise DataError(f"{path}:{ln}: expected {want} fields, got {len(tok)}: {line.strip()[:120]!r}")
         yield ln, tok
 
+# %% ../nbs/02_datasets.ipynb #52535640
 def _numbers(tok, path, ln, typ=float):
     try: v = [typ(t) for t in tok]
     except ValueError: raise DataError(f"{path}:{ln}: expected numbers, got {' '.join(tok)[:120]!r}") from None
@@ -105,6 +111,7 @@ def _numbers(tok, path, ln, typ=float):
         raise DataError(f"{path}:{ln}: expected finite numbers (no NaN or infinity), got {' '.join(tok)[:120]!r}")
     return v
 
+# %% ../nbs/02_datasets.ipynb #1995e560
 def _check_finite(a, where, label: str, what: str = 'landmark'):
     "Every coordinate must be a finite number: NaN or infinite values are refused, naming the item and where it was read."
     a = np.asarray(a, np.float64)
@@ -114,6 +121,7 @@ def _check_finite(a, where, label: str, what: str = 'landmark'):
         raise DataError(f"{label} item {i} ({where[i] if where is not None else 'row ' + str(i)}): {what} coordinates "
                         f"{np.round(a[i].reshape(-1), 2).tolist()[:10]} are not all finite numbers ({int(bad.sum())} such item(s))")
 
+# %% ../nbs/02_datasets.ipynb #2df7fb2a
 def _check_files(paths, where, label: str):
     "Every listed image must exist: one error naming how many are missing and the first few with their source lines."
     missing = [i for i, p in enumerate(paths) if not p.is_file()]
@@ -250,6 +258,7 @@ def _face_lms(rng, cx, cy, ed, roll=0.):
     c, s = math.cos(roll), math.sin(roll)
     return (base @ np.array([[c, s], [-s, c]])) * ed + np.array([cx, cy])
 
+# %% ../nbs/02_datasets.ipynb #5c61c539
 def draw_fixture_image(W, H, lms, dots=None, grey=False, seed=0) -> Image.Image:
     "A synthetic W x H image: grey background, a face outline around `lms`, coloured dots at `lms[dots]`."
     rng = np.random.default_rng(seed)
@@ -268,11 +277,13 @@ def draw_fixture_image(W, H, lms, dots=None, grey=False, seed=0) -> Image.Image:
     img = Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8))
     return img.convert('L') if grey else img
 
+# %% ../nbs/02_datasets.ipynb #8c2c01a1
 def _save(img, path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() in ('.jpg', '.jpeg'): img.save(path, quality=95, subsampling=0)
     else: img.save(path)
 
+# %% ../nbs/02_datasets.ipynb #35bcdeeb
 def dot_centres(img, lms, dots=None, win: float = 6.0) -> np.ndarray:
     "Centres of the coloured fixture dots found near `lms[dots]` in an image ((3,H,W) float tensor or HxWx3 array); NaN where no dot is seen."
     a = img.permute(1, 2, 0).numpy() * 255 if torch.is_tensor(img) else np.asarray(img, np.float64)
@@ -303,6 +314,7 @@ def _celeba_files(R: Path) -> dict:
         partition=_find([R / 'Eval' / 'list_eval_partition.txt', R / 'list_eval_partition.txt'], 'CelebA partition file'),
         mafl=_find([R / 'MAFL', R / 'mafl'], 'MAFL split lists folder (training.txt, testing.txt)'))
 
+# %% ../nbs/02_datasets.ipynb #015a352f
 def _celeba_landmarks(path: Path) -> dict:
     "{file name: (line, (5, 2) landmarks)} from list_landmarks_align_celeba.txt."
     rows = _rows(path, skip=2)
@@ -316,6 +328,7 @@ def _celeba_landmarks(path: Path) -> dict:
     if len(out) != count: raise DataError(f"{path}: line 1 announces {count} images, the file lists {len(out)}")
     return out
 
+# %% ../nbs/02_datasets.ipynb #d88e86a5
 def _name_list(path: Path, known: dict, known_file: Path) -> list:
     "File names of a split list (first token of each line); each must be annotated in `known`."
     names = []
@@ -324,6 +337,7 @@ def _name_list(path: Path, known: dict, known_file: Path) -> list:
         names.append((ln, tok[0]))
     return names
 
+# %% ../nbs/02_datasets.ipynb #9c33824c
 class CelebA(FaceDataset):
     "CelebA aligned for pretraining: partition 0 minus the MAFL test images; DVE's 178x178 frame from row 30."
     name, splits = 'celeba', ('train',)
@@ -357,6 +371,7 @@ class CelebA(FaceDataset):
     def _bad_size(self, i, wh):
         raise DataError(f"{self.label} item {i}: {self.paths[i]} is {wh[0]}x{wh[1]}; CelebA aligned images are 178x218")
 
+# %% ../nbs/02_datasets.ipynb #3c67c0e0
 class MAFL(CelebA):
     "MAFL (Zhang et al.): CelebA aligned images, the 19,000 / 1,000 split lists, DVE's CelebA frame."
     name, splits = 'mafl', ('train', 'test')
@@ -389,6 +404,7 @@ def _mtfl_dir(root) -> Path:
     R = data_root(root, 'mtfl')
     return R / 'MTFL' if not (R / 'testing.txt').exists() and (R / 'MTFL' / 'testing.txt').exists() else R
 
+# %% ../nbs/02_datasets.ipynb #130e0f4a
 def read_mtfl(path: Path):
     "Parse an MTFL annotation file as released: (names, (N, 5, 2) 0-based landmarks, attributes dict, line numbers)."
     names, lms, lines = [], [], []
@@ -416,6 +432,7 @@ def _face_geometry(lms):
     dm = np.linalg.norm(eye - mouth, axis=-1)
     return (eye + mouth) / 2 + 0.5, np.sqrt((de ** 2 + dm ** 2) / 2)
 
+# %% ../nbs/02_datasets.ipynb #2e861d32
 def landmark_box(lms, geometry=MTFL_BOX) -> np.ndarray:
     "Square face boxes (N, 4) (left, top, right, bottom; edge coordinates) derived from (N, 5, 2) landmarks."
     k, dx, dy = geometry
@@ -424,6 +441,7 @@ def landmark_box(lms, geometry=MTFL_BOX) -> np.ndarray:
     half = (k * s / 2)[:, None]
     return np.concatenate([cen - half, cen + half], -1)
 
+# %% ../nbs/02_datasets.ipynb #a2a46efd
 def fit_landmark_box(lms, crop_wh) -> tuple:
     "(k, dx, dy) that reproduce, in median, the framing of crops of size `crop_wh` (whole images) around landmarks `lms` (N, 5, 2)."
     c, s = _face_geometry(lms)
@@ -453,6 +471,7 @@ class MTFL(FaceDataset):
             self._boxes = landmark_box(lms)
         return R
 
+# %% ../nbs/02_datasets.ipynb #b7f58520
 class AFLW_M(FaceDataset):
     "AFLW_M (DVE's AFLW_MTFL): train = DVE's 10,122 AFLW crops (`aflw_cropped/`), test = MTFL's 2,995 AFLW crops; whole 150 crops."
     name = 'aflw_m'
@@ -495,6 +514,7 @@ def _mtfl_row(path, lm0, attrs):
     lm1 = np.asarray(lm0) + 1                       # 1-based on disk
     return path + ' ' + ' '.join(f'{v:.6f}' for v in np.concatenate([lm1[:, 0], lm1[:, 1]])) + ' ' + ' '.join(map(str, attrs))
 
+# %% ../nbs/02_datasets.ipynb #a1bca962
 def _fixture_mtfl(R: Path, n: int, rng):
     rows = []
     for k in range(n):
@@ -529,6 +549,7 @@ def _loadmat(path: Path, **kw):
     except FileNotFoundError: raise
     except Exception as e: raise DataError(f"{path}: cannot read as a MATLAB .mat file: {e}") from None
 
+# %% ../nbs/02_datasets.ipynb #e1954fad
 class AFLW_R(FaceDataset):
     "AFLW_R: DVE's AFLW recrops, keypoints stored (y, x) in .mat files; the whole recrop is the frame."
     name = 'aflw_r'
@@ -588,6 +609,7 @@ def read_pts(path: Path, n_points: int = 68) -> np.ndarray:
         if len(t) != 2: raise DataError(f"{path}:{ln}: expected 'x y', got {' '.join(t)!r}")
     return np.array([_numbers(t, path, ln) for ln, t in pts], np.float32) - 1
 
+# %% ../nbs/02_datasets.ipynb #0cabad8f
 def dve_300w_box(bb) -> tuple:
     "DVE's 300W frame as a box in the raw image (edge coordinates) from a 1-based [xmin, ymin, xmax, ymax] box."
     xmin, ymin, xmax, ymax = (float(v) for v in bb)
@@ -600,6 +622,7 @@ def dve_300w_box(bb) -> tuple:
     # scaled pixels bx-1 .. bX-1 (0-based) = scaled edges [bx-1, bX] = raw edges [(bx-1)/f, bX/f]
     return ((bx - 1) / f, (by - 1) / f, bX / f, bY / f)
 
+# %% ../nbs/02_datasets.ipynb #af964163
 class W300(FaceDataset):
     "300W (68 points), the 3000-fps split (3,148 / 689), DVE's box-to-52-px, 100-px-window frame."
     name = '300w'
@@ -666,6 +689,7 @@ class DatasetSpec:
     fixture: object
     n_fixture: int
 
+# %% ../nbs/02_datasets.ipynb #455ef8e9
 REGISTRY = {s.name: s for s in (
     DatasetSpec('celeba', CelebA, 'celeba', _fixture_celeba, 9), DatasetSpec('mafl', MAFL, 'celeba', _fixture_celeba, 9),
     DatasetSpec('mtfl', MTFL, 'mtfl', _fixture_mtfl, 6), DatasetSpec('aflw_m', AFLW_M, 'mtfl', _fixture_mtfl, 6),
@@ -694,6 +718,7 @@ def cache_name(name: str, split: str, size: int = CROP, full: bool = False, seed
     s = f"{name}-{split}-{size}" + ('-full' if full else '')
     return s + (f'-seed{seed}' if name == 'synth' else '')
 
+# %% ../nbs/02_datasets.ipynb #aff6dd58
 def dataset_root(name: str, root=None) -> Path:
     "The folder a real dataset is read from (`root` or `$SCE_MAE_DATA`, descending into the dataset's folder)."
     key = _check_name(name)
@@ -701,6 +726,7 @@ def dataset_root(name: str, root=None) -> Path:
     folder = REGISTRY[key].folder
     return _mtfl_dir(root) if folder == 'mtfl' else data_root(root, folder)
 
+# %% ../nbs/02_datasets.ipynb #6965245e
 def find_cache(name, split='train', root=None, n=None, size=CROP, full=False, seed=0, where=None):
     "The cache folder that can serve this request, or None: complete (or holding >= n items) and made from the data root in use (`root`, else `$SCE_MAE_DATA`), if any."
     d = Path(where) if where is not None else cache_dir() / cache_name(name, split, size, full, seed)
@@ -717,6 +743,7 @@ def find_cache(name, split='train', root=None, n=None, size=CROP, full=False, se
         if meta.get('root') != src: return None
     return d
 
+# %% ../nbs/02_datasets.ipynb #711da390
 def get_dataset(name: str, split: str = 'train', root=None, n: int | None = None, size: int = CROP,
                 full: bool = False, seed: int = 0, cache=True):
     "Dataset `name` (one of DATASETS) for `split`: a real loader, SynthFaces, or the prepared cache of the same request."
@@ -739,6 +766,7 @@ def _plain(v):
     if isinstance(v, np.generic): v = v.item()
     return v
 
+# %% ../nbs/02_datasets.ipynb #0bb6e2c2
 def prepare_cache(name: str, split: str = 'train', root=None, out=None, size: int = CROP, full: bool = False,
                   n: int | None = None, seed: int = 0, workers: int = 0, progress: bool = True) -> Path:
     "Write the uint8 memory-mapped cache of a dataset request to folder `out`; returns it."
@@ -777,6 +805,7 @@ def prepare_cache(name: str, split: str = 'train', root=None, out=None, size: in
     os.replace(tmp, out)
     return out
 
+# %% ../nbs/02_datasets.ipynb #8a628a09
 class CachedFaces(Dataset):
     "The records of a cache written by `prepare_cache`, read from memory-mapped uint8 images."
     def __init__(self, path, n: int | None = None):
@@ -839,6 +868,7 @@ def show_grid(ds, n: int = 16, cols: int = 8, seed: int | None = None, title: st
     fig.tight_layout()
     return fig
 
+# %% ../nbs/02_datasets.ipynb #9b0689a8
 def _parser():
     ap = argparse.ArgumentParser(prog='sce-mae-data', description='Prepare uint8 caches of the face datasets, or look at them.')
     sub = ap.add_subparsers(dest='cmd', required=True)
@@ -859,6 +889,7 @@ def _parser():
     sh.add_argument('--count', type=int, default=16, help='number of samples in the grid')
     return ap
 
+# %% ../nbs/02_datasets.ipynb #1ff50f86
 def main(argv=None):
     "Entry point of `sce-mae-data` (prepare | show)."
     args = _parser().parse_args(argv)

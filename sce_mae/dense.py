@@ -29,12 +29,14 @@ def check_stride(stride: int, patch: int = 8) -> int:
                          f"choose one of {', '.join(map(str, ok))}")
     return stride
 
+# %% ../nbs/11_dense.ipynb #66916de7
 def shift_offsets(stride: int, patch: int = 8) -> list[int]:
     "The pixel shifts d_a = a*stride - (patch - stride)/2 of the copies along one axis (a = 0 .. patch/stride - 1)."
     check_stride(stride, patch)
     c = (patch - stride) // 2
     return [a * stride - c for a in range(patch // stride)]
 
+# %% ../nbs/11_dense.ipynb #49a04c76
 def shifted_copies(imgs: torch.Tensor, stride: int, patch: int = 8, pad_mode: str = 'replicate') -> torch.Tensor:
     "(B, 3, S, S) -> (B, r*r, 3, S, S), r = patch/stride: copy a*r + b shows the image moved by (d_a rows, d_b columns)."
     check_stride(stride, patch)
@@ -43,6 +45,7 @@ def shifted_copies(imgs: torch.Tensor, stride: int, patch: int = 8, pad_mode: st
     return torch.stack([padded[..., a * stride:a * stride + S, b * stride:b * stride + S]
                         for a in range(r) for b in range(r)], 1)
 
+# %% ../nbs/11_dense.ipynb #0c163b99
 def interleave(maps: torch.Tensor, r: int) -> torch.Tensor:
     "Token maps of the copies (B, r*r, C, g, g) -> one map (B, C, g*r, g*r): out[..., i*r + a, k*r + b] = maps[:, a*r + b, :, i, k]."
     B, n, C, g, g2 = maps.shape
@@ -57,6 +60,7 @@ def _device(m: nn.Module) -> torch.device:
     for t in m.buffers(): return t.device
     return torch.device('cpu')
 
+# %% ../nbs/11_dense.ipynb #c3251a3c
 class DenseFeatures(nn.Module):
     "A `feat_fn`: [0, 1] images (B, 3, S, S) -> dense maps (B, C, S/stride, S/stride) by cover-and-stride; always in eval mode."
     def __init__(self, mae: MAE, projector: Projector | None = None, stride: int | None = None, which: str | None = None,
@@ -144,6 +148,7 @@ def similarity_maps(feat_fn, imgs: torch.Tensor, query: torch.Tensor, ref: int =
     q = F.normalize(F.grid_sample(f[ref:ref + 1], u.view(1, 1, 1, 2), mode='bilinear', align_corners=False)[0, :, 0, 0], dim=0)
     return torch.einsum('c,bchw->bhw', q, f)
 
+# %% ../nbs/11_dense.ipynb #db3985ed
 def show_similarity(feat_fns: dict, imgs: torch.Tensor, lms: torch.Tensor, landmark: int = 0, ref: int = 0,
                     names=None, title: str | None = None):
     "Rows: extractors (`feat_fns` name -> feat_fn); columns: the reference face with the query landmark, then the other faces with the similarity heat map (min to max of each face), best match (x) and true landmark (o)."
@@ -176,6 +181,7 @@ def encoder_gflop(profile: Profile | str, images: int = 1, stride: int | None = 
     per = vit_gflop(p.n_tokens + 1, p.embed_dim, p.depth, p.mlp_ratio) + 2 * p.n_tokens * 3 * p.patch_size ** 2 * p.embed_dim / 1e9
     return images * (p.patch_size // s) ** 2 * per
 
+# %% ../nbs/11_dense.ipynb #ba150a9c
 def bench_dense(mae: MAE, imgs: torch.Tensor, strides=STRIDES, projector=None, which=None, repeats: int = 3,
                 chunk: int | None = None, verbose: bool = True) -> dict:
     "Images/s and GFLOP/s of `DenseFeatures` at each stride on `imgs` (best of `repeats` after a warm-up), beside the machine's peak."

@@ -32,6 +32,7 @@ def eye_indices(n_points: int) -> tuple[int, int]:
                          f"68 as in 300W); pass eyes=(a, b)")
     return EYES[n_points]
 
+# %% ../nbs/13_detection.ipynb #8cfc39c5
 def interocular_errors(pred, gt, eyes=None) -> torch.Tensor:
     "Per image and landmark error in % of the inter-ocular distance: (B, P). `eyes`: (a, b), (B, 2) or None (from P)."
     pred, gt = torch.as_tensor(pred, dtype=torch.float32), torch.as_tensor(gt, dtype=torch.float32)
@@ -49,6 +50,7 @@ def interocular_errors(pred, gt, eyes=None) -> torch.Tensor:
         raise ValueError(f"zero inter-ocular distance for image(s) {torch.nonzero(iod <= 0).flatten().tolist()}")
     return 100 * (pred - gt).norm(dim=-1) / iod[:, None]
 
+# %% ../nbs/13_detection.ipynb #717a12a1
 def interocular_error(pred, gt, eyes=None) -> float:
     "100 * mean ||pred - gt|| / ||gt_a - gt_b|| (per image, then averaged over images), as a float."
     return float(interocular_errors(pred, gt, eyes).mean())
@@ -130,6 +132,7 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor, alpha: float = 10.
     "DVE's loss: smooth-L1 between predictions and targets in [-1, 1], both scaled by `alpha` = 10."
     return F.smooth_l1_loss(pred * alpha, target * alpha)
 
+# %% ../nbs/13_detection.ipynb #cc5505d1
 def train_regressor(feats: torch.Tensor, lms: torch.Tensor, profile: Profile | str | None = None, seed: int = 0,
                     size: int | None = None, epochs: int | None = None, batch: int | None = None,
                     lr: float | None = None, wd: float | None = None, conv_block: bool | None = None,
@@ -164,6 +167,7 @@ def train_regressor(feats: torch.Tensor, lms: torch.Tensor, profile: Profile | s
         if callback is not None: callback(epoch + 1, reg)
     return reg.eval()
 
+# %% ../nbs/13_detection.ipynb #bff5947c
 @torch.no_grad()
 def predict(reg: Regressor, feats: torch.Tensor, size: int = 96, batch: int = 256) -> torch.Tensor:
     "Landmarks (N, P, 2) in pixels of `size`-px images predicted from cached features."
@@ -177,6 +181,7 @@ def draw_subset(n_total: int, n: int, seed: int = 0) -> torch.Tensor:
     if n == 0 or n >= n_total: return torch.arange(n_total)
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
 
+# %% ../nbs/13_detection.ipynb #31bd736a
 def evaluate_regressor(train: dict, test: dict, profile: Profile | str | None = None, n_train: int | None = None,
                        seed: int = 0, size: int | None = None, return_model: bool = False,
                        progress: bool = True, train_threads: int | None = None, **train_kw) -> dict:
@@ -199,6 +204,7 @@ def evaluate_regressor(train: dict, test: dict, profile: Profile | str | None = 
     if return_model: out.update(model=reg, pred=pred)
     return out
 
+# %% ../nbs/13_detection.ipynb #574c53b3
 def detection_eval(feat_fn, train_ds, test_ds, profile: Profile | str | None = None, n_train: int | None = None,
                    seed: int = 0, batch: int = 64, cache=None, return_model: bool = False,
                    progress: bool = True, **train_kw) -> dict:

@@ -20,6 +20,7 @@ def _check_k(k, n_clusters):
     if int(k) < 1: raise ValueError(f"DPC-KNN: k = {k} neighbours must be >= 1")
     if int(n_clusters) < 1: raise ValueError(f"DPC-KNN: n_clusters = {n_clusters} must be >= 1")
 
+# %% ../nbs/07_dpc.ipynb #64be5441
 def dpc_knn_reference(x: torch.Tensor, k: int, n_clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
     "Plain-loop DPC-KNN of one image's tokens `x` (N,C): (centres (K,), assign (N,)), K = min(n_clusters, N)."
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
@@ -85,6 +86,7 @@ def dpc_quantities(x: torch.Tensor, k: int) -> dict:
     delta = torch.where(denser.any(-1), d.masked_fill(~denser, float('inf')).amin(-1), d.amax(-1))
     return dict(d=d, m=m, rho=rho, delta=delta, score=rho * delta)
 
+# %% ../nbs/07_dpc.ipynb #eef0b7c2
 @torch.no_grad()
 def dpc_knn(x: torch.Tensor, k: int, n_clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
     "Batched DPC-KNN of tokens `x` (B,N,C): (centres (B,K), assign (B,N)), identical to `dpc_knn_reference` per image."
@@ -167,6 +169,7 @@ def cluster_map(att_idx: torch.Tensor, inatt_idx: torch.Tensor, assign: torch.Te
     m = torch.full((att_idx.shape[0], n_tokens), -1, dtype=torch.long, device=assign.device)
     return m.scatter_(1, inatt_idx, assign)
 
+# %% ../nbs/07_dpc.ipynb #5ef23d19
 def plot_clusters(imgs: torch.Tensor, att_idx: torch.Tensor, inatt_idx: torch.Tensor, centres: torch.Tensor,
                   assign: torch.Tensor, n: int = 6, title: str | None = None):
     "Faces (B,3,S,S) with inattentive tokens coloured by cluster, attentive tokens outlined, centres starred."

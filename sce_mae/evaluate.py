@@ -92,6 +92,7 @@ def find_run(run_dir) -> dict:
                                 f"refine_no_cluster/, refine_dve/ (sce-mae-refine --mode ...)")
     return {k: (run / ROWS[k]['checkpoint'] if (run / ROWS[k]['checkpoint']).is_file() else None) for k in FEATURE_ROWS}
 
+# %% ../nbs/14_evaluate.ipynb #b9d8aea1
 def run_profile(run_dir, profile: Profile | str | None = None) -> Profile:
     "The evaluation profile: `profile`, else RUN/profile.json, else the one stored in RUN/pretrain/mae.pt."
     if profile is not None: return load_profile(profile)
@@ -121,6 +122,7 @@ def head(tokens: torch.Tensor, projector=None, which: str = 'stage1', chunk: int
         out.append(torch.cat(parts, -1).permute(0, 3, 1, 2).to(dtype))
     return torch.cat(out)
 
+# %% ../nbs/14_evaluate.ipynb #e5f7ed37
 class TokenMemo:
     "A `feat_fn` of raw token maps that computes each distinct image once (looked up by its bytes)."
     def __init__(self, dense: DenseFeatures):
@@ -144,6 +146,7 @@ class TokenMemo:
 
     def clear(self): self.store.clear()
 
+# %% ../nbs/14_evaluate.ipynb #416a140e
 def row_fn(tokens_fn, projector=None, which: str = 'stage1'):
     "A `feat_fn` for one row: `head` of the raw token maps `tokens_fn(imgs)` gives."
     def feat_fn(imgs): return head(tokens_fn(imgs), projector, which)
@@ -179,6 +182,7 @@ def landmark_descriptors(maps: torch.Tensor, lms: torch.Tensor, size: int = 96) 
     B, P = lms.shape[:2]
     return F.normalize(d.transpose(1, 2).reshape(B * P, -1), dim=-1), torch.arange(P).repeat(B)
 
+# %% ../nbs/14_evaluate.ipynb #90d4a1d2
 def silhouette(desc: torch.Tensor, labels: torch.Tensor) -> float:
     "scikit-learn's silhouette coefficient of the L2-normalised descriptors (Euclidean) with `labels`."
     return float(silhouette_score(F.normalize(desc.float(), dim=-1).numpy(), labels.numpy(), metric='euclidean'))
@@ -189,6 +193,7 @@ def tsne_embed(desc: torch.Tensor, seed: int = 0) -> np.ndarray:
     return TSNE(2, perplexity=float(min(30, max(2, (len(x) - 1) // 3))), init='pca', random_state=seed,
                 max_iter=500).fit_transform(x)
 
+# %% ../nbs/14_evaluate.ipynb #854ce763
 def position_r2(maps: torch.Tensor, ridge: float = 1e-3) -> float:
     """How much of a feature map is *where* rather than *what*: the R^2 of a ridge-regularised linear map from each
     cell's L2-normalised feature to the cell's (x, y), fitted on the first half of the images and scored on the
@@ -215,6 +220,7 @@ def _table(header: list, rows: list) -> str:
 def _missing(res, key) -> str:
     return f"— (not in this run: {res['rows'][key]['note']})"
 
+# %% ../nbs/14_evaluate.ipynb #6e90fb8c
 def _detection_table(res: dict, d: dict) -> str:
     "The detection table of one protocol `d` (mean shape first, then every feature row)."
     body = []
@@ -225,6 +231,7 @@ def _detection_table(res: dict, d: dict) -> str:
         body.append([label, r['features'], r['dim'] or '—', _f(r['error']), _f(r['train_error'])])
     return _table(['row', 'features', 'dim', 'test error %', 'train error %'], body)
 
+# %% ../nbs/14_evaluate.ipynb #597058e7
 def results_markdown(res: dict) -> str:
     "The Markdown report of an `evaluate_run` result: our tables (every row), then the paper's, labelled."
     rows, out = res['rows'], []
@@ -312,6 +319,7 @@ def plot_tsne(res: dict):
     fig.tight_layout()
     return fig
 
+# %% ../nbs/14_evaluate.ipynb #6c89c34e
 def plot_limited(res: dict):
     "Error % against the number of training images: ours (mean ± std per row) and, dashed, the paper's; returns the Figure."
     lim, fig = res['limited'], plt.figure(figsize=(5.2, 3.4))
@@ -349,6 +357,7 @@ def data_fingerprint(ds) -> dict:
     if idx is not None: d['subset'] = hashlib.sha256(np.asarray(idx, np.int64).tobytes()).hexdigest()[:16]
     return d
 
+# %% ../nbs/14_evaluate.ipynb #9a0c277a
 _VIEW_KEYS = ('img_size', 'match_images', 'tps_global', 'tps_local', 'tps_trans', 'tps_scale', 'tps_rot', 'tps_grid')
 _TOKEN_KEYS = ('img_size', 'patch_size', 'eval_stride', 'det_train')
 
@@ -357,9 +366,11 @@ def cache_key(kind: str, ds, p: Profile, keys=(), **more) -> str:
     spec = dict(kind=kind, data=data_fingerprint(ds), profile={k: getattr(p, k) for k in keys}, version=__version__, **more)
     return hashlib.sha256(json.dumps(_plain(spec), sort_keys=True, default=str).encode()).hexdigest()[:20]
 
+# %% ../nbs/14_evaluate.ipynb #02eb36e5
 def _cache_name(kind: str, key: str) -> str:
     return f"{kind}-{key}.pt"
 
+# %% ../nbs/14_evaluate.ipynb #91eee894
 def _eval_data(p: Profile, name: str, root, seed: int):
     "(test frames for matching, test crops, training crops (drawn), the training draw) for the evaluation."
     synth = name == 'synth'
@@ -371,6 +382,7 @@ def _eval_data(p: Profile, name: str, root, seed: int):
     idx = draw_subset(len(train), p.det_train, seed)
     return test_full, test, (train if len(idx) == len(train) else Subset(train, idx.tolist())), idx
 
+# %% ../nbs/14_evaluate.ipynb #1461602d
 def _plain(x):
     "Results as plain JSON values (floats, ints, strings, lists, dicts)."
     if isinstance(x, dict): return {str(k): _plain(v) for k, v in x.items()}
@@ -381,6 +393,7 @@ def _plain(x):
     if isinstance(x, (np.integer,)): return int(x)
     return x
 
+# %% ../nbs/14_evaluate.ipynb #2f0bd370
 def _mean_std(v) -> tuple[float, float]:
     t = torch.tensor(v, dtype=torch.float64)
     return float(t.mean()), float(t.std(unbiased=True)) if len(t) > 1 else 0.0
@@ -413,10 +426,12 @@ def _load_rows(ckpts: dict, p: Profile, dev):
                      params_m=enc_m + sum(x.numel() for x in pr.parameters()) / 1e6)
     return mae, proj, rows
 
+# %% ../nbs/14_evaluate.ipynb #cdfc1f35
 def _which(k: str, task: str) -> str:
     "The features of row `k` for matching / t-SNE ('descriptor') or detection ('detection')."
     return 'stage1' if k == 'mae' else ('stage2' if task == 'descriptor' else 'both')
 
+# %% ../nbs/14_evaluate.ipynb #c339b790
 def _matching_step(raw, proj, avail, views, p, threads, progress, figures, T) -> tuple[dict, dict]:
     "Matching rows (plus the same-location baseline) and the example figures, the backbone once per view."
     t0 = time.time()
@@ -446,6 +461,7 @@ def _matching_step(raw, proj, avail, views, p, threads, progress, figures, T) ->
                matchers=list(MATCHERS), rows=rows)
     return out, figs
 
+# %% ../nbs/14_evaluate.ipynb #64502e3c
 def _limited_row(tr, te, p, seed, dev=None) -> dict:
     "Limited annotations for one row: per size, `limited_repeats` draws, a plain 1x1 regressor each."
     out = {}
@@ -460,6 +476,7 @@ def _limited_row(tr, te, p, seed, dev=None) -> dict:
         out[str(n)] = dict(mean=mu, std=sd, errors=errs, n_train=used, draws=draws)
     return out
 
+# %% ../nbs/14_evaluate.ipynb #6fb4bae0
 def _mean_shape_row(tr: dict, te: dict) -> dict:
     "The mean-shape baseline: the mean training landmarks as the prediction for every test face."
     ms = tr['lms'].mean(0, keepdim=True)
@@ -467,6 +484,7 @@ def _mean_shape_row(tr: dict, te: dict) -> dict:
     return dict(error=float(me.mean()), per_landmark=[float(e) for e in me.mean(0)], train_error=float(mt.mean()),
                 features='none', dim=None)
 
+# %% ../nbs/14_evaluate.ipynb #1fbcf46e
 def _detection_row(tr_tok, te_tok, proj, k, p, seed, dev, threads) -> tuple[dict, torch.Tensor, dict, dict]:
     "Row `k`'s regressor on token maps `tr_tok` / `te_tok`: (its result, its test predictions, its training and test features)."
     with threads_limit(threads):
@@ -477,6 +495,7 @@ def _detection_row(tr_tok, te_tok, proj, k, p, seed, dev, threads) -> tuple[dict
     r.update(features={'stage1': 'stage 1', 'both': 'stage 1 + stage 2'}[_which(k, 'detection')], dim=int(tr['feats'].shape[1]))
     return r, pred, tr, te
 
+# %% ../nbs/14_evaluate.ipynb #1c299db1
 def _detection_step(raw, proj, avail, train, test, p, seed, cdir, keys, dev, threads, progress, limited_rows, T):
     "Detection, limited annotations and feature quality from token maps computed once (and cached on disk under `keys`)."
     t0 = time.time()

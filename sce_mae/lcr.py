@@ -17,6 +17,7 @@ def _check_set(pos: torch.Tensor, is_att: torch.Tensor, what: str = 'pos'):
         raise ValueError(f"LCR: the attentive mask of {what} must be a (B, T) = {tuple(pos.shape[:2])} bool tensor, "
                          f"got {tuple(is_att.shape)} {is_att.dtype}")
 
+# %% ../nbs/09_lcr.ipynb #79ab3b1f
 def lcr_pair_weights(pos: torch.Tensor, is_att: torch.Tensor, lambdas=(5.0, 5.0, 2.0),
                      pos_b: torch.Tensor | None = None, is_att_b: torch.Tensor | None = None) -> torch.Tensor:
     """lambda(i,j) * f_loc(i,j) (B,T,T') between a set at `pos` (B,T,2) (patch units) with attentive mask `is_att` (B,T)

@@ -69,6 +69,7 @@ def grid_centres(n: int, size: int = 96) -> torch.Tensor:
     "Pixel coordinates of the centres of the `n` cells of a map covering `size` pixels: (j + 0.5) size / n - 0.5."
     return (torch.arange(n, dtype=torch.float32) + 0.5) * (size / n) - 0.5
 
+# %% ../nbs/04_mae.ipynb #33e6f938
 def cell_centres(grid: int, patch: int, device=None) -> torch.Tensor:
     "(grid*grid, 2) pixel (x, y) centres of the token cells, row-major: ((j + 0.5) patch - 0.5, (i + 0.5) patch - 0.5)."
     c = grid_centres(grid, grid * patch).to(device)
@@ -130,6 +131,7 @@ class Encoded:
     blocks: dict = field(default_factory=dict)  # {b: (B, N, D)} patch tokens output by block b, before the final norm
     attn: torch.Tensor | None = None           # (B, N) CLS-to-patch attention of `attn_block`, mean over heads
 
+# %% ../nbs/04_mae.ipynb #2b167ad5
 class MAE(nn.Module):
     """Masked autoencoder from timm ViT blocks; inputs are [0, 1] images, normalised inside.
     `MAE(profile)`, or keyword arguments for the architecture (`MAE('deit_tiny', depth=6)`, `MAE(embed_dim=64, depth=4, num_heads=2)`:
@@ -269,6 +271,7 @@ def reconstruct(mae: MAE, imgs: torch.Tensor, mask_ratio: float | None = None,
     m = unpatchify(mask[..., None].expand(-1, -1, mae.patch ** 2 * 3).to(imgs.dtype), mae.patch)
     return dict(loss=loss.item(), mask=mask, masked=imgs * (1 - m) + 0.5 * m, recon=rec, pasted=imgs * (1 - m) + rec * m)
 
+# %% ../nbs/04_mae.ipynb #57ed1ece
 def show_reconstructions(mae: MAE, imgs: torch.Tensor, seed: int = 0, title: str | None = None, n: int = 6):
     "Rows: the faces, what the encoder sees, the reconstruction pasted into the hidden patches."
     import matplotlib.pyplot as plt
@@ -301,6 +304,7 @@ def _cls_attention_hook(attn_mod: nn.Module, store: dict):
         store['attn'] = a[:, :, 0, 1:].mean(1)                        # patch keys, mean over heads
     return attn_mod.qkv.register_forward_hook(hook)
 
+# %% ../nbs/04_mae.ipynb #eb693585
 @patch
 def encode(self: MAE, imgs: torch.Tensor, blocks=(), attn_block: int | None = None) -> Encoded:
     "All patch tokens without masking; `blocks` (1-based) adds those blocks' tokens, `attn_block` its CLS attention."
@@ -349,12 +353,14 @@ def save_mae(mae: MAE, path, **meta) -> Path:
     sd = {k: v.detach().cpu() for k, v in mae.state_dict().items()}
     return save_checkpoint({'model': sd, 'profile': mae.profile.to_dict(), **meta}, path)
 
+# %% ../nbs/04_mae.ipynb #d52abe44
 def _unwrap(sd: dict) -> dict:
     for key in ('model', 'state_dict', 'module'):
         if key in sd and isinstance(sd[key], dict): sd = sd[key]
     if sd and all(k.startswith('module.') for k in sd): sd = {k[len('module.'):]: v for k, v in sd.items()}
     return sd
 
+# %% ../nbs/04_mae.ipynb #be971453
 def load_vit_state_dict(mae: MAE, sd: dict, source: str = 'state dict') -> dict:
     "Load a timm or official-MAE ViT state dict into `mae` where shapes allow; -> what was loaded and ignored."
     sd = _unwrap(sd)
@@ -379,6 +385,7 @@ def load_vit_state_dict(mae: MAE, sd: dict, source: str = 'state dict') -> dict:
         for k in need: own[k].copy_(sd[k])
     return dict(loaded=need, decoder=has_dec, ignored=ignored)
 
+# %% ../nbs/04_mae.ipynb #f8cfb67e
 def load_mae(path, map_location='cpu') -> MAE:
     "An `MAE` from our checkpoint (`save_mae`, or the pretraining's `checkpoint.pt`), built from the profile inside, in eval mode, on `map_location` when that names a device."
     ck = load_checkpoint(path, map_location=map_location)

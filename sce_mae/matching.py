@@ -44,6 +44,7 @@ def _taps(n: int, size: int, device=None):
     i0 = src.floor().long().clamp(max=n - 1)
     return i0, (i0 + 1).clamp(max=n - 1), src - i0
 
+# %% ../nbs/12_matching.ipynb #bdae963b
 def _upsampled_sqnorm(f: torch.Tensor, size: int) -> torch.Tensor:
     "||up(f)(p)||^2 for every pixel p of the bilinear (align_corners=False) upsampling of f (B,C,h,w) to size x size."
     B, C, h, w = f.shape
@@ -59,6 +60,7 @@ def _upsampled_sqnorm(f: torch.Tensor, size: int) -> torch.Tensor:
     wy0, wy1 = (1 - ty)[:, None], ty[:, None]                           # then along y
     return wy0 ** 2 * xx[:, a0] + wy1 ** 2 * xx[:, a1] + 2 * wy0 * wy1 * xy[:, a0]
 
+# %% ../nbs/12_matching.ipynb #ac573c3b
 def _query(fa: torch.Tensor, pts: torch.Tensor, size: int) -> torch.Tensor:
     "Descriptors (B,C,P) of the upsampled maps at sub-pixel points: bilinear between the 4 surrounding pixels."
     B, C, h, w = fa.shape
@@ -76,6 +78,7 @@ def _query(fa: torch.Tensor, pts: torch.Tensor, size: int) -> torch.Tensor:
          + (sy * (1 - sx))[..., None] * up_at(y1, x0) + (sy * sx)[..., None] * up_at(y1, x1))
     return q.transpose(1, 2)
 
+# %% ../nbs/12_matching.ipynb #89ca6183
 def _match_paper(fa, fb, pts, size):
     q = _query(fa, pts, size)                                                       # (B, C, P)
     num = F.interpolate(torch.einsum('bcp,bchw->bphw', q, fb), size=(size, size), mode='bilinear', align_corners=False)
@@ -83,6 +86,7 @@ def _match_paper(fa, fb, pts, size):
     idx = (num / den[:, None]).flatten(2).argmax(-1)                                # |q| is the same for every pixel
     return torch.stack([idx % size, idx // size], -1).float()
 
+# %% ../nbs/12_matching.ipynb #e338233b
 def _match_paper_reference(fa, fb, pts, size):
     "The paper matcher written literally (slow; the reference `_match_paper` is checked against)."
     ua = F.interpolate(fa, size=(size, size), mode='bilinear', align_corners=False)
@@ -93,6 +97,7 @@ def _match_paper_reference(fa, fb, pts, size):
     idx = sim.argmax(-1)
     return torch.stack([idx % size, idx // size], -1).float()
 
+# %% ../nbs/12_matching.ipynb #c97954bf
 def _match_dve(fa, fb, pts, size):
     B, _, h, w = fa.shape
     cell = nearest_cell(pts, (h, w), size)
@@ -102,6 +107,7 @@ def _match_dve(fa, fb, pts, size):
     return torch.stack([grid_centres(wb, size).to(fb.device)[idx % wb],
                         grid_centres(hb, size).to(fb.device)[idx // wb]], -1)
 
+# %% ../nbs/12_matching.ipynb #2d1f4c02
 def match_points(fa: torch.Tensor, fb: torch.Tensor, pts_a: torch.Tensor, matcher: str = 'paper',
                  size: int = 96, chunk: int = 64) -> torch.Tensor:
     "Match `pts_a` (B,P,2 pixels) of the maps `fa` (B,C,h,w) into the maps `fb` (B,C,h',w'): positions (B,P,2) in pixels."
@@ -118,6 +124,7 @@ def match_points(fa: torch.Tensor, fb: torch.Tensor, pts_a: torch.Tensor, matche
     return torch.cat([fn(fa[i:i + chunk].float(), fb[i:i + chunk].float(), pts_a[i:i + chunk], size)
                       for i in range(0, len(fa), chunk)]).cpu()
 
+# %% ../nbs/12_matching.ipynb #8b07cd02
 def match_errors(pred: torch.Tensor, gt: torch.Tensor, size: int = 96) -> torch.Tensor:
     "Distances (B, P) between matched and true positions, in pixels of DVE's 70 x 70 frame (x 70 / size)."
     return (pred.float() - gt.float()).norm(dim=-1) * (FRAME / size)
@@ -135,6 +142,7 @@ def make_pairs(n: int) -> torch.Tensor:
     if n < 2: raise ValueError(f"matching needs at least 2 images; got {n}")
     return torch.arange(n - n % 2).view(-1, 2)
 
+# %% ../nbs/12_matching.ipynb #30e9e764
 def matching_views(dataset, profile: Profile | str | None = None, n: int | None = None, seed: int = 0,
                    path=None, progress: bool = False, key: str | None = None) -> dict:
     """The first n images of `dataset` (n = profile.match_images, even) and their two TPS views (`tps_pair`, `seed`); cached at `path`.
@@ -178,10 +186,12 @@ def _entry(err_same: torch.Tensor, err_diff: torch.Tensor) -> dict:
                 same_per_landmark=[float(e) for e in err_same.mean(0)],
                 different_per_landmark=[float(e) for e in err_diff.mean(0)])
 
+# %% ../nbs/12_matching.ipynb #8048da94
 def _meta(views) -> dict:
     return dict(n_images=views['n'], n_pairs=len(views['pairs']), size=views['size'], frame=FRAME,
                 scale=FRAME / views['size'], seed=views['seed'])
 
+# %% ../nbs/12_matching.ipynb #23ed3ec1
 @torch.no_grad()
 def matching_eval(feat_fn, dataset=None, profile: Profile | str | None = None, matcher='paper', batch: int = 64,
                   n: int | None = None, seed: int = 0, views: dict | None = None, device=None,
@@ -215,6 +225,7 @@ def matching_eval(feat_fn, dataset=None, profile: Profile | str | None = None, m
     if return_points: out['points'] = pts
     return out
 
+# %% ../nbs/12_matching.ipynb #990d8f13
 def same_location_baseline(dataset=None, profile: Profile | str | None = None, n: int | None = None,
                            seed: int = 0, views: dict | None = None) -> dict:
     "The error of answering with the reference landmark's own position (no features), in `matching_eval`'s layout."
@@ -253,6 +264,7 @@ class DotFaces(Dataset):
         img = (bump[:, None] * DOT_COLOURS[:, :, None, None]).amax(0)
         return dict(img=img, lms=lms, eyes=torch.tensor([0, 1]), index=i)
 
+# %% ../nbs/12_matching.ipynb #516b8e28
 def dot_features(stride: int = 1, const: float = 1.0, blur: float = 0.):
     "A `feat_fn` that reads `DotFaces` dots back: one channel per colour (+ a constant), blurred by `blur` px, average-pooled by `stride`."
     def feat_fn(imgs):

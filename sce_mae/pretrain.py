@@ -57,6 +57,7 @@ _FRAMES: dict = {}
 
 def _stack_imgs(batch): return torch.stack([r['img'] for r in batch])
 
+# %% ../nbs/05_pretrain.ipynb #d92490ee
 def load_frames(profile: Profile | str, dataset: str | None = None, root=None, split: str = 'train',
                 progress: bool = True) -> torch.Tensor:
     "The pretraining images of `profile` (n_train of them; all when 0) as a uint8 tensor (n, 3, frame, frame)."
@@ -94,6 +95,7 @@ def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     "The order in which epoch `epoch` visits the n training images."
     return torch.randperm(n, generator=seeded_generator(seed, 1, epoch))
 
+# %% ../nbs/05_pretrain.ipynb #167d790e
 def step_draws(seed: int, epoch: int, step: int, batch: int, profile: Profile) -> dict:
     "Every random number of one step for the global batch: crop offsets, jitter factors, masking noise."
     g = seeded_generator(seed, 2, epoch, step)
@@ -102,6 +104,7 @@ def step_draws(seed: int, epoch: int, step: int, batch: int, profile: Profile) -
                 fac=1 + profile.jitter * (2 * torch.rand(batch, 3, generator=g) - 1),
                 noise=torch.rand(batch, profile.n_tokens, generator=g))
 
+# %% ../nbs/05_pretrain.ipynb #91ec32ef
 def augment(frames: torch.Tensor, off: torch.Tensor, fac: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 frames (B, 3, F, F) -> float [0, 1] crops (B, 3, size, size) at `off` (B, 2) (y, x), jittered by `fac` (B, 3).
     Brightness b, contrast c (around the image's mean grey) and saturation s (around each pixel's grey)
@@ -140,6 +143,7 @@ def _dist_setup(device):
     if started: dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
     return world, rank, dev, started
 
+# %% ../nbs/05_pretrain.ipynb #ee6654f0
 def rng_state() -> dict:
     "The global torch RNG states (CPU, and every CUDA device when present), for a checkpoint."
     st = {'torch': torch.get_rng_state()}
@@ -280,10 +284,8 @@ def main(argv=None):
     "`sce-mae-pretrain`: MAE pretraining (stage 1) of a profile, or `--bench` to time its training step."
     ap = argparse.ArgumentParser(prog='sce-mae-pretrain', description='SCE-MAE stage 1: MAE pretraining. '
                                  'Multi-GPU: torchrun --nproc_per_node N $(which sce-mae-pretrain) ...')
-    add_run_args(ap)
+    add_run_args(ap, resumable=True)
     ap.add_argument('--out', default=None, help='run folder: checkpoint.pt, mae.pt, log.json')
-    ap.add_argument('--resume', action='store_true', help='continue the run in --out from its last checkpoint')
-    ap.add_argument('--stop-after', type=int, default=None, help='stop after this many epochs (resume later)')
     ap.add_argument('--threads', type=int, default=None, help='CPU threads for torch (default: torch\'s, one per core); '
                     'on a CPU shared with other jobs, fewer threads than cores can be much faster')
     ap.add_argument('--bench', type=int, nargs='?', const=10, default=None, metavar='STEPS',

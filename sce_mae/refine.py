@@ -39,6 +39,7 @@ def _encode(mae: MAE, imgs: torch.Tensor, p: Profile, split: bool = False):
     with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == 'cuda'):
         return mae.encode(imgs, blocks=(sb,), attn_block=sb) if split else mae.encode(imgs)
 
+# %% ../nbs/10_refine.ipynb #05c3bfbe
 def _lcr_inputs(e, p: Profile, mode: str) -> dict:
     "One LCR mode's inputs from an encoded batch: CARB's selected set ('sce') or every token ('no_cluster')."
     if mode == 'sce':
@@ -146,11 +147,13 @@ def refine_loss(projector: nn.Module, batch: dict, profile: Profile | str) -> to
     other = (projector(batch['sel_b']), batch['pos_b'], batch['is_att_b']) if 'sel_b' in batch else None
     return lcr_from_profile(projector(batch['sel']), batch['pos'], batch['is_att'], p, other)
 
+# %% ../nbs/10_refine.ipynb #bdc47528
 def make_refine_optimizer(projector: nn.Module, profile: Profile | str) -> torch.optim.AdamW:
     "AdamW for the projector: `ref_lr` (set per step by the schedule), `ref_weight_decay` on weight matrices; fused when available."
     p = load_profile(profile)
     return adamw(projector, p.ref_lr, p.ref_weight_decay)
 
+# %% ../nbs/10_refine.ipynb #fb0c815d
 def refine_step(projector: nn.Module, opt: torch.optim.Optimizer, batch: dict, lr: float, profile: Profile | str) -> torch.Tensor:
     "One AdamW step of the projector on a `stage2_batch`; -> the loss (detached)."
     for g in opt.param_groups: g['lr'] = lr
@@ -173,9 +176,11 @@ def check_backbone(mae: MAE, profile: Profile, source='backbone'):
     if not 1 <= profile.split_block <= profile.depth:
         raise ValueError(f"profile {profile.name!r}: split_block {profile.split_block} is not a block of 1..{profile.depth}")
 
+# %% ../nbs/10_refine.ipynb #0682b2de
 def _pair_seed(seed, epoch, step) -> int:
     return seeded_generator(seed, 3, epoch, step).initial_seed()
 
+# %% ../nbs/10_refine.ipynb #17f0678c
 def training_batches(mae: MAE, frames: torch.Tensor, seed: int, epoch: int, step: int, profile: Profile, modes) -> dict:
     """{mode: `stage2_batch`} of one refinement step on uint8 `frames` (B, 3, F, F) for each of `modes`: the step's crops and
     jitter; the LCR modes share one encoder pass over them and over a second crop of every face (drawn like the first,
@@ -211,6 +216,7 @@ def _refine_job(p: Profile, mode: str, out: Path, meta: dict, log: dict, resume:
     projector.train()
     return job
 
+# %% ../nbs/10_refine.ipynb #000d7ff1
 def _save_refined(job: dict, mode: str, meta: dict, epochs: int) -> Path:
     "The finished projector as `refined.pt` (weights, profile, mode, seed, the backbone's path and SHA-256) and its log."
     out, backbone = job['out'], Path(meta['backbone'])
@@ -321,13 +327,11 @@ def main(argv=None):
     "`sce-mae-refine`: stage 2, train the projector on a frozen MAE backbone."
     ap = argparse.ArgumentParser(prog='sce-mae-refine', description='SCE-MAE stage 2: train the CARB projector with the '
                                  'LCR loss on a frozen MAE backbone (or an ablation: --mode no_cluster | dve).')
-    add_run_args(ap)
+    add_run_args(ap, resumable=True)
     ap.add_argument('--backbone', required=True, help='the pretrained MAE checkpoint (mae.pt of sce-mae-pretrain)')
     ap.add_argument('--out', required=True, help='run folder: checkpoint.pt, refined.pt, log.json')
     ap.add_argument('--mode', default='sce', choices=MODES, help='sce (the method), no_cluster (LCR over all tokens), '
                     'dve (DVE loss on TPS pairs)')
-    ap.add_argument('--resume', action='store_true', help='continue the run in --out from its last checkpoint')
-    ap.add_argument('--stop-after', type=int, default=None, help='stop after this many epochs (resume later)')
     a = parse_run_args(ap, argv)
     print(refine(a.profile, a.backbone, a.out, dataset=a.dataset, root=a.root, mode=a.mode, resume=a.resume,
                  device=a.device, seed=a.seed, stop_after=a.stop_after))

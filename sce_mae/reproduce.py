@@ -37,6 +37,7 @@ class Stage:
     title: str
     mode: str | None = None          # the refine mode, for the refine stages
 
+# %% ../nbs/15_reproduce.ipynb #2b331124
 STAGES = (
     Stage('pretrain', 'pretrain', 'mae.pt', 'stage 1: MAE pretraining'),
     Stage('refine_sce', 'refine_sce', 'refined.pt', 'stage 2: SCE-MAE (attentive split + DPC-KNN proxies + LCR)', 'sce'),
@@ -54,6 +55,7 @@ def stage_state(run, stage: Stage) -> str:
     if (d / 'checkpoint.pt').is_file() or (stage.name == 'evaluate' and d.is_dir() and any(d.iterdir())): return 'partial'
     return 'todo'
 
+# %% ../nbs/15_reproduce.ipynb #112631c2
 def run_status(run) -> dict:
     "{stage name: state} of every stage of the run folder `run`."
     return {s.name: stage_state(run, s) for s in STAGES}
@@ -103,6 +105,7 @@ def profile_diff(a: dict, b: dict) -> list[str]:
     except ProfileError: pass
     return sorted(k for k in set(a) | set(b) if a.get(k, '<missing>') != b.get(k, '<missing>'))
 
+# %% ../nbs/15_reproduce.ipynb #750ff8c5
 def stored_profile(run) -> tuple[str, dict] | None:
     "(where, profile dict) of the run in folder `run`: its profile.json, else the first stage checkpoint found; None if empty."
     run = Path(run)
@@ -116,6 +119,7 @@ def stored_profile(run) -> tuple[str, dict] | None:
                 if isinstance(ck.get('profile'), dict): return str(g), ck['profile']
     return None
 
+# %% ../nbs/15_reproduce.ipynb #aae6d955
 def discard_run(run) -> list[str]:
     "Delete the run's stage folders, report and run files (nothing else in the folder); -> what was removed."
     run, gone = Path(run), []
@@ -125,6 +129,7 @@ def discard_run(run) -> list[str]:
         if (run / name).is_file(): (run / name).unlink(); gone.append(name)
     return gone
 
+# %% ../nbs/15_reproduce.ipynb #8b884e71
 def check_run(run, profile: Profile, force: bool = False, say=print) -> None:
     "Raise `RunMismatchError` if folder `run` holds a run of another profile; with `force`, discard that run."
     found = stored_profile(run)
@@ -150,6 +155,7 @@ def _git(*args) -> str | None:
         return r.stdout.strip() if r.returncode == 0 else None
     except (OSError, subprocess.SubprocessError): return None
 
+# %% ../nbs/15_reproduce.ipynb #7e1955e6
 def _mem_gb() -> float | None:
     try:
         for line in open('/proc/meminfo'):
@@ -157,6 +163,7 @@ def _mem_gb() -> float | None:
     except OSError: pass
     return None
 
+# %% ../nbs/15_reproduce.ipynb #acd1b5db
 def environment(device=None) -> dict:
     "Versions (python, torch, timm, numpy, sce_mae, git commit) and machine (CPU, cores, memory, GPU, threads, load)."
     import timm, sce_mae
@@ -182,10 +189,12 @@ def read_runlog(run) -> dict:
     f = Path(run) / 'run.json'
     return json.loads(f.read_text()) if f.is_file() else dict(invocations=[], eval_inputs=None)
 
+# %% ../nbs/15_reproduce.ipynb #dffa2e80
 def write_runlog(run, log: dict) -> None:
     f = Path(run) / 'run.json'
     write_atomic(f, json.dumps(log, indent=1).encode())
 
+# %% ../nbs/15_reproduce.ipynb #43b8805c
 def stage_totals(log: dict) -> dict:
     "Per stage: wall and CPU seconds summed over the invocations that ran or resumed it, and its last action."
     tot = {}
@@ -197,6 +206,7 @@ def stage_totals(log: dict) -> dict:
                 t['wall_s'] += r['wall_s']; t['cpu_s'] += r['cpu_s']; t['runs'] += 1; t['finished'] = r.get('finished')
     return tot
 
+# %% ../nbs/15_reproduce.ipynb #161131a1
 def _hms(s) -> str:
     if s is None: return '-'
     s = float(s)
@@ -211,6 +221,7 @@ def _get(d, *keys):
         d = d[k]
     return d
 
+# %% ../nbs/15_reproduce.ipynb #d9e67739
 def paper_point(results: dict, matcher: str = 'paper') -> list[dict]:
     "The paper's claims checked on a run's results: [dict(claim, ours, other, other_name, holds, core)]; holds None if a number is missing."
     m = lambda row, ident: _get(results, 'matching', 'rows', row, matcher, ident)
@@ -262,6 +273,7 @@ def _copy_figures(src: Path, dst: Path) -> list[Path]:
             shutil.copy2(f, g); out.append(g)
     return out
 
+# %% ../nbs/15_reproduce.ipynb #5913c106
 def _embed_results(md: str) -> str:
     "results.md of the evaluation as a section of report.md: headings one level down, its own figure list dropped."
     out = []
@@ -271,9 +283,11 @@ def _embed_results(md: str) -> str:
                   'of the tables titled *Ours* was computed in this run; the tables titled *Paper* quote the paper.')
     return '\n'.join(out).strip()
 
+# %% ../nbs/15_reproduce.ipynb #199b8a39
 def _caption(name: str) -> str:
     return Path(name).stem.replace('_', ' ')
 
+# %% ../nbs/15_reproduce.ipynb #64683646
 def write_report(run, env: dict | None = None) -> Path:
     "Write `RUN/report/` (report.md, results, figures, profile, environment, timings) from run folder `run`; -> report.md."
     run = Path(run); rep = run / REPORT
@@ -317,6 +331,7 @@ def _stage1_line(run, prof) -> str:
             f"trained by {how}; its README says how to retrain it. `sce-mae-reproduce --from-scratch` trains stage 1 in "
             f"the run instead (the profile's own {prof.get('pre_epochs')} epochs).")
 
+# %% ../nbs/15_reproduce.ipynb #9d48c38d
 def _report_md(run, prof, env, log, totals, results, results_md, eval_figs) -> str:
     L = []
     name, ds = prof.get('name', '?'), prof.get('dataset', '?')
@@ -404,6 +419,7 @@ def preflight(run, p: Profile, root=None) -> None:
         check_backbone(load_mae(f), p, f"shipped backbone {p.backbone!r} ({f})")
     if stage_state(run, STAGES[-1]) != 'done': _eval_data(p, p.eval_dataset, root, p.seed)
 
+# %% ../nbs/15_reproduce.ipynb #4c2ae8c2
 def _banner(i, n, stage_name, msg, say):
     say(f"[{i}/{n}] {stage_name}: {msg}")
 
@@ -413,6 +429,7 @@ def _sha_inputs(run) -> dict:
     fs = [run / 'pretrain' / 'mae.pt'] + [run / s.folder / s.artefact for s in STAGES if s.mode]
     return {str(f.relative_to(run)): weights_sha256(f) for f in fs if f.is_file()}
 
+# %% ../nbs/15_reproduce.ipynb #7ea58305
 def run_profile_for(profile: Profile | str | None, dataset: str | None = None, eval_dataset: str | None = None,
                     seed: int | None = None, backbone: str | None = None) -> Profile:
     """The profile a run records: `profile` with the overrides; `dataset` sets the training data and, unless `eval_dataset`
@@ -426,6 +443,7 @@ def run_profile_for(profile: Profile | str | None, dataset: str | None = None, e
     kw = {k: v for k, v in kw.items() if getattr(p, k) != v}
     return p.replace(**kw) if kw else p
 
+# %% ../nbs/15_reproduce.ipynb #209f7793
 def default_run(p: Profile, backbone: str | None = None) -> Path:
     "runs/<profile>, or runs/<profile>-scratch when `backbone` = 'scratch' overrides the profile's own."
     return Path('runs') / (f'{p.name}-scratch' if backbone == 'scratch' else p.name)
@@ -436,6 +454,7 @@ def shared_refines(run, stage: Stage) -> list[Stage]:
     later = STAGES[STAGES.index(stage) + 1:]
     return [g for g in later if g.mode in LCR_MODES and g.mode != stage.mode and stage_state(run, g) == 'todo']
 
+# %% ../nbs/15_reproduce.ipynb #a337632c
 def reproduce(profile: Profile | str | None = 'demo', out=None, dataset: str | None = None, root=None, seed: int | None = None,
               device=None, force: bool = False, progress: bool = True, eval_dataset: str | None = None,
               command: str | None = None, backbone: str | None = None, say=None) -> Path:
@@ -549,6 +568,7 @@ def recorded_threads(run) -> int | None:
     "The thread count the run in folder `run` was started with (its first invocation in run.json), if any."
     return next((i['threads'] for i in read_runlog(run)['invocations'] if isinstance(i.get('threads'), int)), None)
 
+# %% ../nbs/15_reproduce.ipynb #879a98b7
 def choose_threads(threads: str | int | None = 'auto', run=None) -> int:
     """CPU threads for the run: N as given; for 'auto' (or None) the count the run in folder `run` started with, else one
     per usable core. Never the machine's load: the thread count changes how float sums are split, so it is part of
@@ -559,8 +579,6 @@ def choose_threads(threads: str | int | None = 'auto', run=None) -> int:
         if n < 1: raise ValueError(f"--threads must be a whole number >= 1 or 'auto'; got {threads!r}")
         return n
     return (recorded_threads(run) if run is not None else None) or usable_cores()
-
-
 
 # %% ../nbs/15_reproduce.ipynb #84c4426f
 @cli('sce-mae-reproduce')

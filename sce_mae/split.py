@@ -17,6 +17,7 @@ def n_attentive(n_tokens: int, eta: float) -> int:
     if not 0.0 <= eta <= 1.0: raise ValueError(f"eta = {eta} must lie in [0, 1]")
     return int(math.floor(eta * n_tokens + 1e-6))
 
+# %% ../nbs/06_split.ipynb #32d9882e
 def split_tokens(attn: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
     "Split N tokens by CLS attention `attn` (B,N): (att_idx (B,Na), inatt_idx (B,N-Na)), each sorted ascending."
     if not isinstance(attn, torch.Tensor) or attn.dim() != 2:
@@ -30,6 +31,7 @@ def split_tokens(attn: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Te
     inatt_idx = order[:, na:].sort(dim=1).values
     return att_idx, inatt_idx
 
+# %% ../nbs/06_split.ipynb #aa36afbf
 def attentive_mask(att_idx: torch.Tensor, n_tokens: int) -> torch.Tensor:
     "(B, N) bool mask, True at the attentive tokens."
     m = torch.zeros(att_idx.shape[0], n_tokens, dtype=torch.bool, device=att_idx.device)

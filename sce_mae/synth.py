@@ -28,6 +28,7 @@ def frame_size(size: int) -> int:
                          f"becomes 20*size/96 px), got size={size}")
     return size * FRAME // CROP
 
+# %% ../nbs/01_synthfaces.ipynb #345ca8ac
 def border(size: int) -> int:
     "Border between the full frame and the crop at `size` (20 for 96)."
     return (frame_size(size) - size) // 2
@@ -37,6 +38,7 @@ def nominal_to_output(pts, size: int = 96, full: bool = False) -> np.ndarray:
     pts = np.asarray(pts, dtype=np.float64)
     return (pts - (0 if full else BORDER) + 0.5) * (size / CROP) - 0.5
 
+# %% ../nbs/01_synthfaces.ipynb #5d1af319
 def output_to_nominal(pts, size: int = 96, full: bool = False) -> np.ndarray:
     "Inverse of `nominal_to_output`."
     pts = np.asarray(pts, dtype=np.float64)
@@ -134,6 +136,7 @@ def yaw_forward(u, p: FaceParams) -> np.ndarray:
     x = np.asarray(u, dtype=np.float64) / R
     return R * np.sin(np.arcsin(np.minimum(np.maximum(x, -1), 1)) + th)
 
+# %% ../nbs/01_synthfaces.ipynb #853152b9
 def yaw_inverse(u1, p: FaceParams) -> np.ndarray:
     "u1 after the head turn -> canonical u (points behind the silhouette map to its edge, where nothing is drawn)."
     R, th = _cyl_r(p), _rad(p.yaw)
@@ -146,6 +149,7 @@ def _eye_shift(p) -> float:
     R = _cyl_r(p)
     return R * math.sin(_rad(p.yaw)) * math.cos(math.asin(min(1.0, p.eye_dx / R)))
 
+# %% ../nbs/01_synthfaces.ipynb #85373f72
 def _nose_shift(p) -> float:
     "Parallax of the nose tip under the head turn, in canonical u."
     return p.nose_depth * math.tan(_rad(p.yaw))
@@ -157,10 +161,12 @@ def body_to_nominal(u1, v, p: FaceParams):
     uu, v = np.asarray(u1, dtype=np.float64) - _eye_shift(p), np.asarray(v, dtype=np.float64)
     return ORIGIN[0] + p.tx + s * (ca * uu - sa * v), ORIGIN[1] + p.ty + s * (sa * uu + ca * v)
 
+# %% ../nbs/01_synthfaces.ipynb #3c3a29d8
 def canon_to_nominal(u, v, p: FaceParams):
     "Canonical (u, v) on the face -> (x, y) of the nominal 136 frame."
     return body_to_nominal(yaw_forward(u, p), v, p)
 
+# %% ../nbs/01_synthfaces.ipynb #4d29b326
 def pixel_to_canon(pts, p: FaceParams, size: int = 96, full: bool = False) -> np.ndarray:
     "Pixels (..., 2) of the output image -> canonical (u, v): the map the renderer applies to every pixel."
     x, y = np.moveaxis(output_to_nominal(pts, size, full), -1, 0)
@@ -182,6 +188,7 @@ def _local_to_canon(sgn, a, tilt):
     t = _rad(tilt)
     return sgn * a * math.cos(t), -a * math.sin(t)
 
+# %% ../nbs/01_synthfaces.ipynb #56426cfc
 def _brow(p) -> tuple[float, float]:
     "Centre (|u|, v) of the brows (mirror-symmetric)."
     return p.eye_dx + p.brow_dx, p.eye_v - p.brow_dy - 2.5 * p.brow_raise
@@ -191,6 +198,7 @@ def _gaze(p) -> tuple[float, float]:
     m = max(0.0, p.eye_w - p.iris_r) * 0.35
     return p.gaze_x * m, p.gaze_y * m * 0.4
 
+# %% ../nbs/01_synthfaces.ipynb #f7257c23
 def _gap(p) -> float:
     "Opening between the lips at the middle."
     return p.mouth_open * 0.5 * p.mouth_w
@@ -199,6 +207,7 @@ def _smile_lift(p) -> float:
     "How far the mouth corners rise above the middle of the lips' line."
     return p.smile * 0.28 * p.mouth_w
 
+# %% ../nbs/01_synthfaces.ipynb #20b251f5
 def canon_landmarks(p: FaceParams) -> np.ndarray:
     "All landmarks (18, 2) in canonical (u, v), in the order of `ALL_LANDMARK_NAMES`."
     pts = {}
@@ -224,6 +233,7 @@ def canon_landmarks(p: FaceParams) -> np.ndarray:
     pts['chin'] = (0.0, p.face_bottom)
     return np.array([pts[n] for n in ALL_LANDMARK_NAMES], dtype=np.float64)
 
+# %% ../nbs/01_synthfaces.ipynb #4f997045
 def landmarks(p: FaceParams, size: int = 96, full: bool = False) -> np.ndarray:
     "All landmarks (18, 2) in (x, y) pixels of the output image of `size` (the crop, or the full frame)."
     # canon_to_nominal then nominal_to_output, in plain Python floats: 18 points are too few for NumPy to pay off
@@ -252,6 +262,7 @@ def _smooth_noise(rng, n, cells):
     rows = g[i] * (1 - f)[:, None] + g[i + 1] * f[:, None]
     return rows[:, i] * (1 - f)[None] + rows[:, i + 1] * f[None]
 
+# %% ../nbs/01_synthfaces.ipynb #b5528258
 def texture_bank(n_tex: int = 48, size: int = BANK_SIZE) -> np.ndarray:
     "The fixed bank of greyscale textures (n_tex, size, size) in [0, 1]; texture 0 is flat. Built once, deterministic."
     key = ('tex', n_tex, size)
@@ -290,6 +301,7 @@ def texture_bank(n_tex: int = 48, size: int = BANK_SIZE) -> np.ndarray:
     _BANK[key] = bank
     return bank
 
+# %% ../nbs/01_synthfaces.ipynb #fc9ebcfc
 def noise_bank(size: int = BANK_SIZE) -> np.ndarray:
     "The fixed bank of unit Gaussian noise (3, size, size); each image reads it at its own offset."
     key = ('noise', size)
@@ -304,6 +316,7 @@ def _flip(t, f: int):
     if f & 4: t = t.T
     return t
 
+# %% ../nbs/01_synthfaces.ipynb #23543dd6
 def _take(arr, iy, ix):
     "arr[..., iy, ix] on the outer grid of the index vectors, wrapping around; a plain slice when they are consecutive."
     B = arr.shape[-1]
@@ -325,6 +338,7 @@ def _c(col, f=1.0) -> np.ndarray:
     "A colour as a (3, 1, 1) float32 array, times `f`."
     return np.array(col, np.float32).reshape(3, 1, 1) * np.float32(f)
 
+# %% ../nbs/01_synthfaces.ipynb #cd58ade4
 try: from numpy._core.umath import clip as _uclip     # the clip ufunc itself: 3x faster than np.clip's wrapper here
 except ImportError:
     try: from numpy.core.umath import clip as _uclip    # NumPy 1.x
@@ -334,10 +348,12 @@ def _clip01(x):
     "Clip to [0, 1] in place."
     return _uclip(x, 0, 1, out=x)
 
+# %% ../nbs/01_synthfaces.ipynb #619bcdd2
 def _clip_pm1(x):
     "Clip to [-1, 1] in place."
     return _uclip(x, -1, 1, out=x)
 
+# %% ../nbs/01_synthfaces.ipynb #6523521f
 class _Canvas:
     "One image being drawn: canonical coordinates of every pixel, the soft-coverage and painting primitives."
     def __init__(self, p: FaceParams, size: int, full: bool):
@@ -413,6 +429,7 @@ def _draw_background(cv: _Canvas):
     img += c0
     img += (t2 - 0.5) * c2
 
+# %% ../nbs/01_synthfaces.ipynb #ed9c95a5
 def _draw_body(cv: _Canvas):
     "Clothes and neck, in the turned frame (the body does not turn with the head)."
     p = cv.p
@@ -433,6 +450,7 @@ def _draw_body(cv: _Canvas):
         f = _clip01((V - Hb) * (0.3 / 10) + 0.5)          # in the chin's shadow at the top
         cv.paint(sl, cv.alpha(d), f[None] * _c(p.skin, 0.35) + _c(p.skin, 0.35))
 
+# %% ../nbs/01_synthfaces.ipynb #ade120a4
 def _draw_head_back(cv: _Canvas):
     "The skull (skin, seen beside a turned face; the jaw narrows to the chin) and the hair around it, in the turned frame."
     p = cv.p
@@ -478,6 +496,7 @@ def _face_d(p, U, V, jaw=True):
     vv = V * np.where(V < 0, np.float32(1 / Ht), np.float32(1 / Hb))
     return (1 - np.sqrt(uu * uu + vv * vv)) * min(W, Hb)
 
+# %% ../nbs/01_synthfaces.ipynb #29f975c9
 def _draw_face(cv: _Canvas):
     "Ears, the face (Lambert-shaded as an ellipsoid) and a beard."
     p = cv.p
@@ -512,6 +531,7 @@ def _draw_face(cv: _Canvas):
         top = vtop + 2 - 4 * (U * (1 / W)) ** 2
         cv.paint(sl, cv.alpha(np.minimum(_face_d(p, U, V) + 1.0, (V - top) * 0.4)) * p.beard, _c(p.hair_col, 0.85))
 
+# %% ../nbs/01_synthfaces.ipynb #fa247fab
 def _draw_hair_front(cv: _Canvas):
     "Hair over the forehead, above a hairline that curves down at the temples and tilts with a side parting."
     p = cv.p
@@ -540,6 +560,7 @@ def _draw_brows(cv: _Canvas):
     d = np.minimum(0.5 * th - np.abs(b - p.brow_arch * (tt * tt - 1)), (1 - np.abs(tt)) * p.brow_w)
     cv.paint(sl, cv.alpha(d) * 0.92, _c(p.brow_col))
 
+# %% ../nbs/01_synthfaces.ipynb #593aa329
 def _draw_eyes(cv: _Canvas):
     "Both eyes: socket shadow, lids and lashes, the white (its tips are the corners), iris, pupil (the landmark), highlight."
     p = cv.p
@@ -601,6 +622,7 @@ def _draw_nose(cv: _Canvas):
     F *= 1 + 0.12 * _clip01(1 - np.sqrt(ru * ru + rv * rv))
     cv.img[:, sl[0], sl[1]] *= F
 
+# %% ../nbs/01_synthfaces.ipynb #a78da3b3
 def _draw_mouth(cv: _Canvas):
     "Moustache, lips, the opening with teeth, the line where the lips meet (it ends at the corners) and the corner dimples."
     p = cv.p
@@ -631,6 +653,7 @@ def _draw_mouth(cv: _Canvas):
     cu, cvv = np.abs(U) - mw, V - (mv - lift)
     cv.img[:, sl[0], sl[1]] *= 1 - 0.45 * _clip01(1 - (cu * cu + cvv * cvv) * (1 / 1.7))
 
+# %% ../nbs/01_synthfaces.ipynb #1eee322e
 def _draw_glasses(cv: _Canvas):
     "Rounded-rectangle rims with clear or dark lenses, the bridge, and the arms towards the ears."
     p = cv.p
@@ -680,6 +703,7 @@ def _finish(cv: _Canvas) -> np.ndarray:
         out += _take(noise_bank(), idx + p.noise_off[1], idx + p.noise_off[0]) * np.float32(p.noise)
     return _clip01(out)
 
+# %% ../nbs/01_synthfaces.ipynb #d7961638
 _LAYERS = (_draw_background, _draw_body, _draw_head_back, _draw_face, _draw_hair_front,
            _draw_brows, _draw_eyes, _draw_nose, _draw_mouth, _draw_glasses)
 
@@ -751,6 +775,7 @@ def knob_table() -> str:
     rows += [f'| `{k}` | {lo} | {hi} | {note} |' for k, (lo, hi, note) in KNOBS.items()]
     return '\n'.join(rows)
 
+# %% ../nbs/01_synthfaces.ipynb #3863af61
 _SKIN = ((0.97, 0.82, 0.72), (0.88, 0.68, 0.55), (0.74, 0.53, 0.39), (0.56, 0.38, 0.26), (0.40, 0.26, 0.18))
 _HAIR = ((0.06, 0.05, 0.05), (0.18, 0.11, 0.07), (0.36, 0.22, 0.12), (0.55, 0.27, 0.12),
          (0.80, 0.65, 0.38), (0.62, 0.60, 0.58), (0.88, 0.87, 0.84))
@@ -812,6 +837,7 @@ def sample_identity(u: _Draws) -> dict:
     d['cloth_col'] = u.grey_col(0.1, 0.9, 0.9)
     return d
 
+# %% ../nbs/01_synthfaces.ipynb #97e16f90
 def sample_image(u: _Draws) -> dict:
     "The expression, pose and scene knobs of one image (ranges in `KNOBS`)."
     d = {}
@@ -855,6 +881,7 @@ def fit_in_frame(p: FaceParams, margin: float = 2.0) -> FaceParams:
         p = replace(p, tx=p.tx + sx * 1.001, ty=p.ty + sy * 1.001)
     return p
 
+# %% ../nbs/01_synthfaces.ipynb #76cf6b5a
 def _rng(seed: int, split: str, stream: int, i: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), SPLITS.index(split), stream, int(i)])
 
@@ -862,6 +889,7 @@ def identity_id(split: str, i: int, per_identity: int = 1) -> int:
     "Global identity number of image i of a split: even for train, odd for test, so the splits never share one."
     return 2 * (int(i) // per_identity) + SPLITS.index(split)
 
+# %% ../nbs/01_synthfaces.ipynb #954da4c0
 _FIELDS = tuple(f.name for f in fields(FaceParams))
 
 def sample_params(seed: int, split: str, i: int, per_identity: int = 1, fixed: dict | None = None) -> FaceParams:
@@ -923,6 +951,7 @@ def _cpu_name() -> str:
     except OSError: pass
     return platform.processor() or platform.machine()
 
+# %% ../nbs/01_synthfaces.ipynb #f252088f
 def bench_synth(n: int = 300, size: int = 96, full: bool = False, repeats: int = 3, seed: int = 0) -> dict:
     "Time `SynthFaces(n)[i]` for all i on one thread, best of `repeats`; prints and returns images/s (wall clock and CPU time)."
     old = torch.get_num_threads()

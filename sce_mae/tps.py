@@ -60,6 +60,7 @@ class TPSParams:
         "All strengths zero: every warp drawn is the identity."
         return cls(0., 0., 0., 0., 0., grid)
 
+# %% ../nbs/03_tps.ipynb #f05bc12d
 def tps_params(p) -> TPSParams:
     "The warp strengths of a `Profile`, a profile name, a `TPSParams` or a dict with the `tps_*` keys."
     if isinstance(p, TPSParams): return p
@@ -79,6 +80,7 @@ def control_points(grid: int, device=None, dtype=torch.float32) -> torch.Tensor:
     yy, xx = torch.meshgrid(t, t, indexing='ij')
     return torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
 
+# %% ../nbs/03_tps.ipynb #3e1c9b8b
 @dataclass
 class Warp:
     "A batch of `B` TPS warps, each a chain of `S` stages; see `random_warp`."
@@ -107,6 +109,7 @@ class Warp:
 
     def __len__(self): return self.B
 
+# %% ../nbs/03_tps.ipynb #1277187d
 def compose(*warps: Warp) -> Warp:
     "The warp that applies `warps[0]`, then `warps[1]`, ...: `compose(a, b)` warps the image by `a` and then by `b`."
     if not warps: raise ValueError("compose: need at least one warp")
@@ -116,6 +119,7 @@ def compose(*warps: Warp) -> Warp:
             raise ValueError(f"compose: warp {i} has B={w.B}, K={w.ctrl.shape[0]}; warp 0 has B={w0.B}, K={w0.ctrl.shape[0]}")
     return Warp(torch.cat([w.theta for w in warps], 1), w0.ctrl)
 
+# %% ../nbs/03_tps.ipynb #fda67319
 def identity_warp(B: int, grid: int = 10, device=None) -> Warp:
     "`B` identity warps (zero kernel weights, unit similarity)."
     th = torch.zeros(B, 1, grid * grid + 3, 2, device=device)
@@ -169,6 +173,7 @@ def _stage_eval(u: torch.Tensor, th: torch.Tensor, ctrl: torch.Tensor, jac: bool
     if not jac: return out
     return out, torch.cat(jacs, 1) + torch.stack([ax, ay], -1)[:, None]
 
+# %% ../nbs/03_tps.ipynb #c171dc40
 def _solve2(J: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     "Solve the 2x2 systems `J x = r` (J (..., 2, 2), r (..., 2))."
     a, b, c, d = J[..., 0, 0], J[..., 0, 1], J[..., 1, 0], J[..., 1, 1]
@@ -180,11 +185,13 @@ def _affine_start(p, th, K):
     A = torch.stack([th[:, K + 1], th[:, K + 2]], -1)  # (B, 2, 2): columns a_x, a_y
     return _solve2(A[:, None], p - th[:, K][:, None])
 
+# %% ../nbs/03_tps.ipynb #bfcc95e6
 def _node_grid(n, span, like):
     t = torch.linspace(-span, span, n, device=like.device, dtype=like.dtype)
     yy, xx = torch.meshgrid(t, t, indexing='ij')
     return torch.stack([xx.reshape(-1), yy.reshape(-1)], -1)
 
+# %% ../nbs/03_tps.ipynb #b3a9e1d8
 def _table_start(p, th, ctrl, n: int = 17, iters: int = 6):
     "Start: Newton on a bilinear interpolation of `T` and `J` tabulated at `n x n` nodes."
     B = p.shape[0]
@@ -199,6 +206,7 @@ def _table_start(p, th, ctrl, n: int = 17, iters: int = 6):
         u = (u - _solve2(v[..., 2:].unflatten(-1, (2, 2)), v[..., :2] - p)).clamp(-span, span)
     return torch.where(torch.isfinite(u), u, u0)
 
+# %% ../nbs/03_tps.ipynb #a5be9f54
 def _polish(u, p, th, ctrl, tol, steps: int = 1):
     "`steps` plain Newton steps for all points (batched); returns the best `u` seen and its residual norm."
     best_u, best_rn = None, None
@@ -214,6 +222,7 @@ def _polish(u, p, th, ctrl, tol, steps: int = 1):
         u = u - _solve2(J, r).nan_to_num(0., 0., 0.)
     return best_u, best_rn
 
+# %% ../nbs/03_tps.ipynb #7b2faeef
 def _newton_flat(u, p, th, ctrl, tol, max_iter: int = 20):
     "Damped Newton for single points: `u`, `p` (M, 2), `th` (M, K+3, 2). A step is halved until the residual drops; a point stops when it converges or stalls."
     def ev(x, t):
@@ -239,6 +248,7 @@ def _newton_flat(u, p, th, ctrl, tol, max_iter: int = 20):
         act = act[ok & (rnt >= tol) & (rnt < 0.9 * rna)]  # stalled points (at a fold) stop
     return u, rn, (J[:, 0, 0] * J[:, 1, 1] - J[:, 0, 1] * J[:, 1, 0]).abs()
 
+# %% ../nbs/03_tps.ipynb #e0405599
 def _stage_inverse(p: torch.Tensor, th: torch.Tensor, ctrl: torch.Tensor, tol: float = 1e-5):
     "`(u, ok)`: `T(u) = p` for points `p` (B, N, 2) (normalised) and one stage `th` (B, K+3, 2) where `ok`; elsewhere the nearest `T(u)` found."
     finite = torch.isfinite(p).all(-1)
@@ -272,6 +282,7 @@ def _check_pts(pts, warp, name):
 
 def _work_dtype(x): return torch.float64 if x.dtype == torch.float64 else torch.float32
 
+# %% ../nbs/03_tps.ipynb #dabf8653
 def _unwarp_norm(u, warp, stages=None):
     "Normalised warped-image points -> source (stages last to first)."
     th = warp.theta.to(u.dtype); c = warp.ctrl.to(u.dtype)
@@ -279,6 +290,7 @@ def _unwarp_norm(u, warp, stages=None):
         u = _stage_eval(u, th[:, s], c)
     return u
 
+# %% ../nbs/03_tps.ipynb #a37595eb
 def _warp_norm(u, warp, stages=None):
     "Normalised source points -> warped image (inverse stages, first to last); also whether each point is seen."
     th = warp.theta.to(u.dtype); c = warp.ctrl.to(u.dtype)
@@ -288,6 +300,7 @@ def _warp_norm(u, warp, stages=None):
         seen = seen & ok
     return u, seen
 
+# %% ../nbs/03_tps.ipynb #56e2d4de
 _INVISIBLE = ('nan', 'nearest')
 
 def _finish(u, seen, invisible, return_visible, size, crop, dtype):
@@ -296,6 +309,7 @@ def _finish(u, seen, invisible, return_visible, size, crop, dtype):
     out = (to_pixels(u, size) - crop).to(dtype)
     return (out, seen) if return_visible else out
 
+# %% ../nbs/03_tps.ipynb #6dc985b2
 def sampling_grid(warp: Warp, size, step: int = 2) -> torch.Tensor:
     "`(B, H, W, 2)` normalised source location of every output pixel (for `grid_sample`, `align_corners=True`)."
     h, w = _hw(size)
@@ -311,6 +325,7 @@ def sampling_grid(warp: Warp, size, step: int = 2) -> torch.Tensor:
     ys, xs = torch.meshgrid(torch.arange(h, device=warp.device).float(), torch.arange(w, device=warp.device).float(), indexing='ij')
     return disp.permute(0, 2, 3, 1) + to_normalized(torch.stack([xs, ys], -1), (h, w))
 
+# %% ../nbs/03_tps.ipynb #abb24f77
 def warp_images(imgs: torch.Tensor, warp: Warp, padding_mode: str = 'zeros', mode: str = 'bilinear', step: int = 2) -> torch.Tensor:
     "Warp images `(B, C, H, W)` (float) by `warp`: output pixel `u` shows the source at `T(u)`."
     if not isinstance(imgs, torch.Tensor) or imgs.dim() != 4 or not imgs.is_floating_point():
@@ -320,6 +335,7 @@ def warp_images(imgs: torch.Tensor, warp: Warp, padding_mode: str = 'zeros', mod
     grid = sampling_grid(warp.to(imgs.device), imgs.shape[-2:], step).to(imgs.dtype)
     return F.grid_sample(imgs, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
 
+# %% ../nbs/03_tps.ipynb #c0ed710d
 def warp_points(pts: torch.Tensor, warp: Warp, size, invisible: str = 'nearest', return_visible: bool = False):
     "Points `(B, P, 2)` of the source image (pixels) -> their positions in the warped image; see `invisible` below."
     _check_pts(pts, warp, 'warp_points')
@@ -349,6 +365,7 @@ def draw_dots(centres: torch.Tensor, colours: torch.Tensor, size, radius: float 
 def _index_seed(seed: int, index: int) -> int:
     return (int(seed) * 1_000_003 + int(index)) % (2 ** 63)
 
+# %% ../nbs/03_tps.ipynb #06d3ca62
 def tps_pair(imgs: torch.Tensor, lms: torch.Tensor | None, profile, seed: int, crop: int = 0,
              index=None, padding_mode: str = 'zeros') -> dict:
     "Two warped views of each image (DVE's protocol) with their landmarks and warps; see above."
@@ -379,6 +396,7 @@ def tps_pair(imgs: torch.Tensor, lms: torch.Tensor | None, profile, seed: int, c
             out['lms' + k] = pk - crop
     return out
 
+# %% ../nbs/03_tps.ipynb #5f9881a5
 def map_points(pts: torch.Tensor, warp_a: Warp, warp_b: Warp, size, crop: int = 0,
                invisible: str = 'nearest', return_visible: bool = False):
     "Points `(B, P, 2)` of the view warped by `warp_a` -> the view warped by `warp_b` (pixels of the views; `size` is the frame the warps act on, `crop` the border trimmed from the views)."
