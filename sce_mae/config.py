@@ -18,6 +18,7 @@ __all__ = ['DEFAULT_PROFILE', 'USER_ERRORS', 'Profile', 'ProfileError', 'check_p
            'clean_leftovers', 'writable_dir', 'sync_device', 'matmul_peak', 'bench_context', 'bench_note']
 
 # %% ../nbs/00_config.ipynb #09ddaf18
+# Long by design: one typed field per key of settings.ini, the whole list in one place.
 _ADDED = {'backbone': 'scratch'}   # keys added since the first release, with the value older files meant
 
 @dataclass(frozen=True)

@@ -130,6 +130,7 @@ def _check_files(paths, where, label: str):
         raise FileNotFoundError(f"{label}: {len(missing)} of {len(paths)} listed images do not exist, e.g. {ex}")
 
 # %% ../nbs/02_datasets.ipynb #f7424dfc
+# One class: the base every real-dataset loader builds on; its methods are the loaders' shared contract.
 class FaceDataset(Dataset):
     "Base of the real-face loaders: items (path, raw landmarks, metadata), a frame box per item, the common record."
     name = ''

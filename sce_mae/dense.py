@@ -61,6 +61,7 @@ def _device(m: nn.Module) -> torch.device:
     return torch.device('cpu')
 
 # %% ../nbs/11_dense.ipynb #c3251a3c
+# One class: the shifts, chunks and heads of cover-and-stride share the module's settings.
 class DenseFeatures(nn.Module):
     "A `feat_fn`: [0, 1] images (B, 3, S, S) -> dense maps (B, C, S/stride, S/stride) by cover-and-stride; always in eval mode."
     def __init__(self, mae: MAE, projector: Projector | None = None, stride: int | None = None, which: str | None = None,

@@ -232,6 +232,7 @@ def _detection_table(res: dict, d: dict) -> str:
     return _table(['row', 'features', 'dim', 'test error %', 'train error %'], body)
 
 # %% ../nbs/14_evaluate.ipynb #597058e7
+# Long by design: the report's tables one after the other, in the order a reader meets them.
 def results_markdown(res: dict) -> str:
     "The Markdown report of an `evaluate_run` result: our tables (every row), then the paper's, labelled."
     rows, out = res['rows'], []
@@ -564,6 +565,7 @@ def _in_domain_step(te_tok, proj, avail, p, spec, seed, dev, threads, progress) 
 
 
 # %% ../nbs/14_evaluate.ipynb #1f76956a
+# The evaluation's order in one function, over the named steps above (matching, detection, in-domain, figures).
 def evaluate_run(run_dir, profile: Profile | str | None = None, dataset: str | None = None, root=None, out=None,
                  seed: int = 0, progress: bool = True, device=None, cache: bool = True, figures: bool = True,
                  limited_rows=('sce', 'mae'), threads: int | None = None, overwrite: bool = False) -> dict:

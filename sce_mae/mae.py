@@ -132,6 +132,7 @@ class Encoded:
     attn: torch.Tensor | None = None           # (B, N) CLS-to-patch attention of `attn_block`, mean over heads
 
 # %% ../nbs/04_mae.ipynb #2b167ad5
+# One class, as in the official MAE code, so that the two read side by side; the text below walks it method by method.
 class MAE(nn.Module):
     """Masked autoencoder from timm ViT blocks; inputs are [0, 1] images, normalised inside.
     `MAE(profile)`, or keyword arguments for the architecture (`MAE('deit_tiny', depth=6)`, `MAE(embed_dim=64, depth=4, num_heads=2)`:

@@ -172,6 +172,7 @@ class StepLog:
                                        img_per_s=self.batch * len(self.losses) / dt))
 
 # %% ../nbs/05_pretrain.ipynb #efe2bb69
+# The training loop in one function: data, model, optimiser, resume, epochs, checkpoints, each a named step of this chapter.
 def pretrain(profile: Profile | str, out, dataset: str | None = None, root=None, resume: bool = False,
              device=None, seed: int | None = None, *, frames: torch.Tensor | None = None,
              stop_after: int | None = None, callback=None, progress: bool = True) -> Path:

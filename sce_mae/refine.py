@@ -227,6 +227,7 @@ def _save_refined(job: dict, mode: str, meta: dict, epochs: int) -> Path:
     return out / 'refined.pt'
 
 # %% ../nbs/10_refine.ipynb #b6d701b1
+# The stage-2 loop in one function: backbone, projectors, resume, epochs, checkpoints, each a named step of this chapter.
 def refine_modes(profile: Profile | str, backbone, outs: dict, dataset: str | None = None, root=None, resume: bool = False,
                  device=None, seed: int | None = None, *, frames: torch.Tensor | None = None, stop_after: int | None = None,
                  callback=None, progress: bool = True) -> dict:

@@ -332,6 +332,7 @@ def _stage1_line(run, prof) -> str:
             f"the run instead (the profile's own {prof.get('pre_epochs')} epochs).")
 
 # %% ../nbs/15_reproduce.ipynb #9d48c38d
+# Long by design: the report's sections one after the other.
 def _report_md(run, prof, env, log, totals, results, results_md, eval_figs) -> str:
     L = []
     name, ds = prof.get('name', '?'), prof.get('dataset', '?')
@@ -455,6 +456,7 @@ def shared_refines(run, stage: Stage) -> list[Stage]:
     return [g for g in later if g.mode in LCR_MODES and g.mode != stage.mode and stage_state(run, g) == 'todo']
 
 # %% ../nbs/15_reproduce.ipynb #a337632c
+# The pipeline's order in one function, over the named steps above (preflight, stages, report).
 def reproduce(profile: Profile | str | None = 'demo', out=None, dataset: str | None = None, root=None, seed: int | None = None,
               device=None, force: bool = False, progress: bool = True, eval_dataset: str | None = None,
               command: str | None = None, backbone: str | None = None, say=None) -> Path:

@@ -45,6 +45,7 @@ def output_to_nominal(pts, size: int = 96, full: bool = False) -> np.ndarray:
     return (pts + 0.5) * (CROP / size) - 0.5 + (0 if full else BORDER)
 
 # %% ../nbs/01_synthfaces.ipynb #64598b55
+# Long by design: one field per number a face depends on, each with its meaning.
 @dataclass(frozen=True)
 class FaceParams:
     "Every number one SynthFaces image depends on; the defaults are an average frontal neutral face on a plain wall."
@@ -354,6 +355,7 @@ def _clip_pm1(x):
     return _uclip(x, -1, 1, out=x)
 
 # %% ../nbs/01_synthfaces.ipynb #6523521f
+# One class: the painting primitives share the canvas's coordinates and coverage buffers.
 class _Canvas:
     "One image being drawn: canonical coordinates of every pixel, the soft-coverage and painting primitives."
     def __init__(self, p: FaceParams, size: int, full: bool):
@@ -901,6 +903,7 @@ def sample_params(seed: int, split: str, i: int, per_identity: int = 1, fixed: d
     return fit_in_frame(FaceParams(**d))
 
 # %% ../nbs/01_synthfaces.ipynb #18bff3b7
+# One class: a Dataset's constructor, length and item, read together.
 class SynthFaces(Dataset):
     "Procedural faces: image i is a pure function of (seed, split, i); train and test never share an identity."
     landmark_names = LANDMARK_NAMES
