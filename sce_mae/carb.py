@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils._python_dispatch import TorchDispatchMode
 from .split import split_tokens
 from .dpc import dpc_knn
-from .config import load_profile
+from .config import load_profile, bench_context, bench_note
 from .mae import grid_positions
 
 # %% auto #0
@@ -196,5 +196,6 @@ def bench_memory(batch: int = 64, dim: int = 192, grid: int = 12, proj_dim: int 
              kit_mib=kit_b / 2**20, hyper_mib=hyp_b / 2**20, ratio=hyp_b / kit_b,
              kit_shape=(batch, N, dim), hyper_shape=(batch, sum(hyper_channels), hyper_size, hyper_size))
     print(f"stage-2 inputs, batch {batch} ({r['method']}, {dev}): kit {grid}x{grid}x{dim} token map {r['kit_mib']:.1f} MiB; "
-          f"hypercolumn {sum(hyper_channels)} ch at {hyper_size}x{hyper_size} {r['hyper_mib']:.1f} MiB; ratio {r['ratio']:.1f}x")
+          f"hypercolumn {sum(hyper_channels)} ch at {hyper_size}x{hyper_size} {r['hyper_mib']:.1f} MiB; ratio {r['ratio']:.1f}x "
+          f"[{bench_note(bench_context(dev))}]")
     return r
