@@ -21,14 +21,14 @@ from .config import (Profile, load_profile, get_device, seed_everything, load_ch
                             set_threads)
 from .datasets import get_dataset
 from .mae import MAE, load_mae, encoder_param_count
-from .refine import load_refined, check_backbone, file_sha256
+from .refine import load_refined, check_backbone, file_sha256, VARIANTS, MODES
 from .dense import DenseFeatures, encoder_gflop
 from .matching import (FRAME, MATCHERS, matching_views, matching_eval, same_location_baseline, show_matches)
 from .detection import (extract_features, evaluate_regressor, draw_subset, interocular_errors, show_detections)
 
 # %% auto #0
 __all__ = ['PAPER_SOURCE', 'PAPER_MATCHING', 'PAPER_DETECTION_SETS', 'PAPER_DETECTION', 'PAPER_ABLATION', 'PAPER_LIMITED',
-           'PAPER_COLUMN', 'ROWS', 'FEATURE_ROWS', 'PROJECTOR_ROWS', 'MEAN_SHAPE', 'IN_DOMAIN', 'find_run',
+           'PAPER_COLUMN', 'ROWS', 'PROJECTOR_ROWS', 'FEATURE_ROWS', 'MEAN_SHAPE', 'IN_DOMAIN', 'find_run',
            'run_profile', 'head', 'TokenMemo', 'row_fn', 'limited_seed', 'limited_draws', 'limited_epochs',
            'landmark_descriptors', 'silhouette', 'tsne_embed', 'position_r2', 'results_markdown', 'plot_tsne',
            'plot_limited', 'figure_preview', 'data_fingerprint', 'cache_key', 'in_domain_split', 'evaluate_run', 'main',
@@ -73,12 +73,10 @@ PAPER_COLUMN = {'mafl': 'MAFL', 'celeba': 'MAFL', 'mtfl': 'AFLW_M', 'aflw_m': 'A
 ROWS = {
     'same_location': dict(label='same-location (no features)', checkpoint=None),
     'mae': dict(label='raw MAE, last layer (stage 1)', checkpoint='pretrain/mae.pt'),
-    'dve': dict(label='DVE-loss projector', checkpoint='refine_dve/refined.pt'),
-    'no_cluster': dict(label='SCE-MAE without clustering', checkpoint='refine_no_cluster/refined.pt'),
-    'sce': dict(label='SCE-MAE (full)', checkpoint='refine_sce/refined.pt'),
+    **{k: dict(label=VARIANTS[k].label, checkpoint=f'refine_{k}/refined.pt') for k in reversed(MODES)},   # baseline first, the method last
 }
-FEATURE_ROWS = ('mae', 'dve', 'no_cluster', 'sce')
-PROJECTOR_ROWS = ('dve', 'no_cluster', 'sce')
+PROJECTOR_ROWS = tuple(reversed(MODES))
+FEATURE_ROWS = ('mae',) + PROJECTOR_ROWS
 MEAN_SHAPE = dict(key='mean_shape', label='mean training shape (no features)')
 
 def find_run(run_dir) -> dict:

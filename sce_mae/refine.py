@@ -5,6 +5,7 @@
 # %% ../nbs/10_refine.ipynb #58ac72ba
 from __future__ import annotations
 import argparse, json, math, os, time
+from dataclasses import dataclass
 from pathlib import Path
 import torch
 import torch.nn as nn
@@ -21,18 +22,34 @@ from .lcr import lcr_from_profile
 from .tps import tps_pair, map_points
 
 # %% auto #0
-__all__ = ['MODES', 'LCR_MODES', 'DVE_POW', 'DVE_SCALE', 'lcr_batches', 'stage2_batch', 'view_offsets', 'show_selection',
-           'dve_loss', 'refine_loss', 'make_refine_optimizer', 'refine_step', 'check_backbone', 'training_batches',
-           'refine_modes', 'refine', 'load_refined', 'main', 'bench_refine']
+__all__ = ['VARIANTS', 'MODES', 'LCR_MODES', 'DVE_POW', 'DVE_SCALE', 'Variant', 'lcr_batches', 'stage2_batch', 'view_offsets',
+           'show_selection', 'dve_loss', 'refine_loss', 'make_refine_optimizer', 'refine_step', 'check_backbone',
+           'training_batches', 'refine_modes', 'refine', 'load_refined', 'main', 'bench_refine']
 
-# %% ../nbs/10_refine.ipynb #4b0606ea
-MODES = ('sce', 'no_cluster', 'dve')
-LCR_MODES = ('sce', 'no_cluster')
+# %% ../nbs/10_refine.ipynb #38f97d81
+@dataclass(frozen=True)
+class Variant:
+    "A stage-2 variant: its loss, the tokens it learns from, and the words the pipeline and the evaluation use for it."
+    name: str
+    loss: str       # 'lcr' (chapter 09) or 'dve' (DVE's equivariance loss on two TPS views)
+    tokens: str     # 'selected' (CARB's attentive set and proxies, chapter 08), 'all' (every token) or 'views' (TPS views)
+    title: str      # the pipeline's line for its stage (chapter 15)
+    label: str      # its row in the evaluation's tables (chapter 14)
+
+# %% ../nbs/10_refine.ipynb #d89826d8
+VARIANTS = {v.name: v for v in (
+    Variant('sce', 'lcr', 'selected', 'stage 2: SCE-MAE (attentive split + DPC-KNN proxies + LCR)', 'SCE-MAE (full)'),
+    Variant('no_cluster', 'lcr', 'all', 'ablation: LCR over all tokens, no clustering', 'SCE-MAE without clustering'),
+    Variant('dve', 'dve', 'views', 'baseline: the DVE loss on TPS pairs', 'DVE-loss projector'),
+)}
+MODES = tuple(VARIANTS)
+LCR_MODES = tuple(k for k, v in VARIANTS.items() if v.loss == 'lcr')
 
 def _check_mode(mode):
-    if mode not in MODES: raise ValueError(f"refine: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode not in VARIANTS: raise ValueError(f"refine: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     return mode
 
+# %% ../nbs/10_refine.ipynb #4b0606ea
 def _encode(mae: MAE, imgs: torch.Tensor, p: Profile, split: bool = False):
     "The frozen encoder on `imgs` (bfloat16 autocast on CUDA); with `split`, also the split block's tokens and CLS attention."
     dev, sb = imgs.device, p.split_block
@@ -40,14 +57,17 @@ def _encode(mae: MAE, imgs: torch.Tensor, p: Profile, split: bool = False):
         return mae.encode(imgs, blocks=(sb,), attn_block=sb) if split else mae.encode(imgs)
 
 # %% ../nbs/10_refine.ipynb #05c3bfbe
-def _lcr_inputs(e, p: Profile, mode: str) -> dict:
-    "One LCR mode's inputs from an encoded batch: CARB's selected set ('sce') or every token ('no_cluster')."
-    if mode == 'sce':
-        sb = p.split_block
-        return dict(mode=mode, **carb_inputs(e.tokens.float(), e.blocks[sb].float(), e.attn.float(), p.eta, p.dpc_k, p.k_c, p.grid))
+def _all_tokens(e, p: Profile) -> dict:
+    "Every last-block token of an encoded batch, with its grid position, all counted attentive."
     (B, N), dev = e.tokens.shape[:2], e.tokens.device
     pos = grid_positions(torch.arange(N, device=dev), p.grid).expand(B, N, 2)
-    return dict(mode=mode, sel=e.tokens.float(), pos=pos, is_att=torch.ones(B, N, dtype=torch.bool, device=dev))
+    return dict(sel=e.tokens.float(), pos=pos, is_att=torch.ones(B, N, dtype=torch.bool, device=dev))
+
+def _lcr_inputs(e, p: Profile, mode: str) -> dict:
+    "One LCR mode's inputs from an encoded batch, by its variant's tokens: CARB's selected set ('selected') or every token ('all')."
+    if VARIANTS[mode].tokens == 'all': return dict(mode=mode, **_all_tokens(e, p))
+    sb = p.split_block
+    return dict(mode=mode, **carb_inputs(e.tokens.float(), e.blocks[sb].float(), e.attn.float(), p.eta, p.dpc_k, p.k_c, p.grid))
 
 # %% ../nbs/10_refine.ipynb #61b8f8f1
 @torch.no_grad()
@@ -61,10 +81,10 @@ def lcr_batches(mae: MAE, imgs: torch.Tensor, profile: Profile | str, modes=LCR_
         raise ValueError(f"lcr_batches: modes {modes} must be some of {', '.join(LCR_MODES)}")
     if imgs_b is not None and (imgs_b.shape != imgs.shape or shift is None or tuple(shift.shape) != (B, 2)):
         raise ValueError(f"lcr_batches: imgs_b must be like imgs {tuple(imgs.shape)} and shift (B, 2) = ({B}, 2)")
-    e = _encode(mae, imgs, p, split='sce' in modes)
+    e = _encode(mae, imgs, p, split=any(VARIANTS[m].tokens == 'selected' for m in modes))
     out = {m: _lcr_inputs(e, p, m) for m in modes}
     if imgs_b is not None:
-        b = _lcr_inputs(_encode(mae, imgs_b, p), p, 'no_cluster')
+        b = _all_tokens(_encode(mae, imgs_b, p), p)                                  # every token of the second crop
         pos_b = b['pos'] + shift.to(imgs.device, torch.float32)[:, None] / p.patch_size
         for r in out.values(): r.update(sel_b=b['sel'], pos_b=pos_b, is_att_b=b['is_att'])
     return out
@@ -74,10 +94,10 @@ def lcr_batches(mae: MAE, imgs: torch.Tensor, profile: Profile | str, modes=LCR_
 def stage2_batch(mae: MAE, imgs: torch.Tensor, profile: Profile | str, mode: str = 'sce',
                  pair_seed: int | None = None, imgs_b: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> dict:
     """Frozen-encoder inputs of the `mode` loss for [0, 1] crops `imgs` (B, 3, S, S): `lcr_batches` for the LCR modes
-    (`imgs_b`, `shift`: the second crops), two TPS views drawn with `pair_seed` for 'dve'."""
+    (`imgs_b`, `shift`: the second crops), two TPS views drawn with `pair_seed` for the DVE loss."""
     p, mode = load_profile(profile), _check_mode(mode)
-    if mode != 'dve': return lcr_batches(mae, imgs, p, (mode,), imgs_b, shift)[mode]
-    if pair_seed is None: raise ValueError("stage2_batch: mode 'dve' needs pair_seed (the seed of the TPS views)")
+    if VARIANTS[mode].loss == 'lcr': return lcr_batches(mae, imgs, p, (mode,), imgs_b, shift)[mode]
+    if pair_seed is None: raise ValueError(f"stage2_batch: mode {mode!r} needs pair_seed (the seed of the TPS views)")
     B, dev = len(imgs), imgs.device
     pair = tps_pair(imgs, None, p, seed=int(pair_seed), padding_mode='border')
     tok1, tok2 = (_encode(mae, pair[k], p).tokens.float() for k in ('img1', 'img2'))   # two calls of B: faster on a CPU than one of 2B
@@ -140,9 +160,9 @@ def dve_loss(phi1: torch.Tensor, phi2: torch.Tensor, target: torch.Tensor, centr
 
 # %% ../nbs/10_refine.ipynb #083ebd00
 def refine_loss(projector: nn.Module, batch: dict, profile: Profile | str) -> torch.Tensor:
-    "The stage-2 loss of a `stage2_batch` under the projector (LCR for 'sce'/'no_cluster', DVE for 'dve')."
+    "The stage-2 loss of a `stage2_batch` under the projector: its variant's, LCR or DVE's."
     p = load_profile(profile)
-    if batch['mode'] == 'dve':
+    if VARIANTS[batch['mode']].loss == 'dve':
         return dve_loss(projector(batch['tok1']), projector(batch['tok2']), batch['target'], batch['centres'])
     other = (projector(batch['sel_b']), batch['pos_b'], batch['is_att_b']) if 'sel_b' in batch else None
     return lcr_from_profile(projector(batch['sel']), batch['pos'], batch['is_att'], p, other)
@@ -192,7 +212,8 @@ def training_batches(mae: MAE, frames: torch.Tensor, seed: int, epoch: int, step
     if lcr:
         off_b = view_offsets(seed, epoch, step, B, p)
         out = lcr_batches(mae, imgs, p, lcr, imgs_b=augment(frames, off_b, d['fac'], p.img_size), shift=off_b - d['off'])
-    if 'dve' in modes: out['dve'] = stage2_batch(mae, imgs, p, 'dve', pair_seed=_pair_seed(seed, epoch, step))
+    for m in modes:
+        if VARIANTS[m].loss == 'dve': out[m] = stage2_batch(mae, imgs, p, m, pair_seed=_pair_seed(seed, epoch, step))
     return out
 
 # %% ../nbs/10_refine.ipynb #f5e5484c
@@ -331,8 +352,7 @@ def main(argv=None):
     add_run_args(ap, resumable=True)
     ap.add_argument('--backbone', required=True, help='the pretrained MAE checkpoint (mae.pt of sce-mae-pretrain)')
     ap.add_argument('--out', required=True, help='run folder: checkpoint.pt, refined.pt, log.json')
-    ap.add_argument('--mode', default='sce', choices=MODES, help='sce (the method), no_cluster (LCR over all tokens), '
-                    'dve (DVE loss on TPS pairs)')
+    ap.add_argument('--mode', default='sce', choices=MODES, help='; '.join(f"{k}: {v.title}" for k, v in VARIANTS.items()))
     a = parse_run_args(ap, argv)
     print(refine(a.profile, a.backbone, a.out, dataset=a.dataset, root=a.root, mode=a.mode, resume=a.resume,
                  device=a.device, seed=a.seed, stop_after=a.stop_after))

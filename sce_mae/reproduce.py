@@ -14,7 +14,7 @@ from .config import (Profile, ProfileError, load_profile, get_device, load_check
                             cli, writable_dir, check_device, CheckpointError, set_threads, weights_sha256, write_atomic)
 from .mae import load_mae
 from .pretrain import pretrain, load_frames, backbones_dir, shipped_backbone, install_backbone
-from .refine import refine_modes, LCR_MODES, file_sha256, check_backbone
+from .refine import refine_modes, LCR_MODES, VARIANTS, file_sha256, check_backbone
 from .evaluate import evaluate_run, _eval_data
 from .synth import _cpu_name
 import matplotlib.pyplot as plt
@@ -40,9 +40,7 @@ class Stage:
 # %% ../nbs/15_reproduce.ipynb #2b331124
 STAGES = (
     Stage('pretrain', 'pretrain', 'mae.pt', 'stage 1: MAE pretraining'),
-    Stage('refine_sce', 'refine_sce', 'refined.pt', 'stage 2: SCE-MAE (attentive split + DPC-KNN proxies + LCR)', 'sce'),
-    Stage('refine_no_cluster', 'refine_no_cluster', 'refined.pt', 'ablation: LCR over all tokens, no clustering', 'no_cluster'),
-    Stage('refine_dve', 'refine_dve', 'refined.pt', 'baseline: the DVE loss on TPS pairs', 'dve'),
+    *(Stage(f'refine_{k}', f'refine_{k}', 'refined.pt', v.title, k) for k, v in VARIANTS.items()),   # one per stage-2 variant
     Stage('evaluate', 'eval', 'results.json', 'evaluation: matching, detection, feature quality, every baseline'),
 )
 REPORT = 'report'
