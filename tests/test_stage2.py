@@ -1,5 +1,5 @@
-"Stage 2 pieces: token split, DPC-KNN (plain loop == batched, ties included), CARB substitution, LCR by hand and gradcheck."
-import math
+"""Stage 2 pieces: token split, DPC-KNN (plain loop == batched, ties included), CARB substitution, LCR gradcheck and properties
+(the hand-worked DPC and LCR cases are tested where they are worked out, in notebooks 07 and 09)."""
 import pytest
 import torch
 from sce_mae.config import load_profile
@@ -29,14 +29,6 @@ def test_split_counts_partition_and_ties(p):
 
 
 # --- DPC-KNN -----------------------------------------------------------------------------------------------
-def test_dpc_hand_case():
-    x = torch.tensor([[0.], [1.], [2.], [10.], [11.], [12.]])
-    c, a = dpc_knn_reference(x, k=2, n_clusters=2)
-    assert c.tolist() == [1, 4] and a.tolist() == [0, 0, 0, 1, 1, 1]
-    q = dpc_quantities(x[None], 2)
-    assert q['m'][0].tolist() == [2.5, 1, 2.5, 2.5, 1, 2.5] and q['delta'][0].tolist() == [1, 11, 1, 1, 10, 1]
-
-
 @pytest.mark.parametrize('seed', [0, 1, 2])
 def test_dpc_agree_random(p, seed):
     g = torch.Generator().manual_seed(seed)
@@ -127,19 +119,6 @@ def test_memory_meter_counts_storages():
 
 
 # --- LCR ---------------------------------------------------------------------------------------------------
-def test_lcr_hand_case(p):
-    assert (p.tau, p.lambda_aa, p.lambda_ap, p.lambda_pp) == (0.1, 5.0, 5.0, 2.0)
-    phi = torch.tensor([[[1., 0.], [0., 1.], [1., 0.]]], dtype=torch.float64)
-    pos = torch.tensor([[[0., 0.], [0., 3.], [4., 0.]]])
-    is_att = torch.tensor([[True, False, False]])
-    e = math.exp(10)
-    a, b, c = e / (2 * e + 1), 1 / (2 * e + 1), 1 / (e + 2)
-    w01, w02, w12 = 5 * math.log(4), 5 * math.log(5), 2 * math.log(6)
-    expected = ((w01 * b + w02 * a) + (w01 * c + w12 * c) + (w02 * a + w12 * b)) / 3
-    assert abs(expected - 2.68257) < 1e-5
-    assert abs(lcr_from_profile(phi, pos, is_att, p).item() - expected) < 1e-12
-
-
 def test_lcr_gradcheck_and_properties(p):
     g = torch.Generator().manual_seed(0)
     B, T = 2, 6
