@@ -1,10 +1,11 @@
-"SynthFaces: pure function of (seed, split, index), disjoint identities, landmarks in order, in the frame and on the drawn pixels."
+"""SynthFaces: pure function of (seed, split, index), disjoint identities, landmarks in order, in the frame and on the drawn pixels
+(the full frame as the crop with a border is tested in notebook 01)."""
 from dataclasses import replace
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from sce_mae.synth import (SynthFaces, FaceParams, render, landmarks, sample_params, identity_id, border, frame_size,
+from sce_mae.synth import (SynthFaces, FaceParams, render, landmarks, sample_params, identity_id,
                            pixel_to_canon, canon_landmarks, LANDMARK_NAMES, ALL_LANDMARK_NAMES)
 
 LUM = np.array([0.299, 0.587, 0.114], np.float32)[:, None, None]
@@ -98,18 +99,6 @@ def test_landmarks_sit_on_the_drawn_features():
     q = replace(sample_params(5, 'test', 0, fixed=clean), blink_l=1.0)
     img, l = render(q, 192)
     assert _pixel((img.numpy() * LUM).sum(0), l[0]) < 0.3
-
-
-@pytest.mark.parametrize('size', [96, 48])
-def test_full_frame_is_the_crop_with_a_border(size):
-    crop, full = SynthFaces(5, seed=2, size=size), SynthFaces(5, seed=2, size=size, full=True)
-    b = border(size)
-    assert b == 20 * size // 96 and full.img_size == frame_size(size) == size * 136 // 96
-    for i in range(5):
-        c, f = crop[i], full[i]
-        assert f['img'].shape == (3, frame_size(size), frame_size(size))
-        torch.testing.assert_close(f['lms_all'] - b, c['lms_all'], atol=1e-4, rtol=0)
-        torch.testing.assert_close(f['img'][:, b:b + size, b:b + size], c['img'], atol=1e-5, rtol=0)
 
 
 def test_bad_input_is_named():
