@@ -322,7 +322,8 @@ def _stage1_line(run, prof) -> str:
     f = Path(run) / 'pretrain' / 'mae.pt'
     if not f.is_file(): return 'Stage 1: not trained yet.'
     bp = load_checkpoint(f)['profile']
-    how = f"`sce-mae-pretrain --profile {bp['name']}`: {bp['pre_epochs']} epochs of {bp['n_train']} {bp['dataset']} images"
+    n = f"{bp['n_train']:,}" if bp.get('n_train') else 'all the'                   # n_train 0: every training image
+    how = f"`sce-mae-pretrain --profile {bp['name']}`: {bp['pre_epochs']} epochs of {n} {bp['dataset']} training images"
     bb = prof.get('backbone', 'scratch')
     if bb == 'scratch': return f"Stage 1: trained in this run ({how})."
     return (f"Stage 1: the kit's shipped `{bb}` backbone (`sce_mae/backbones/{bb}/`, SHA-256 `{file_sha256(f)[:16]}...`), "
