@@ -126,13 +126,13 @@ def extract_features(feat_fn, dataset, batch: int = 64, path=None, dtype=torch.f
     return out
 
 # %% ../nbs/13_detection.ipynb #524f8ee1
-F32_ONCE_BYTES = 2 ** 31   # train_regressor casts half-precision CPU features to float32 once when the copy fits in 2 GiB
-
 def regression_loss(pred: torch.Tensor, target: torch.Tensor, alpha: float = 10.) -> torch.Tensor:
     "DVE's loss: smooth-L1 between predictions and targets in [-1, 1], both scaled by `alpha` = 10."
     return F.smooth_l1_loss(pred * alpha, target * alpha)
 
 # %% ../nbs/13_detection.ipynb #cc5505d1
+F32_ONCE_BYTES = 2 ** 31   # train_regressor casts half-precision CPU features to float32 once when the copy fits in 2 GiB
+
 def train_regressor(feats: torch.Tensor, lms: torch.Tensor, profile: Profile | str | None = None, seed: int = 0,
                     size: int | None = None, epochs: int | None = None, batch: int | None = None,
                     lr: float | None = None, wd: float | None = None, conv_block: bool | None = None,

@@ -73,7 +73,7 @@ PAPER_COLUMN = {'mafl': 'MAFL', 'celeba': 'MAFL', 'mtfl': 'AFLW_M', 'aflw_m': 'A
 ROWS = {
     'same_location': dict(label='same-location (no features)', checkpoint=None),
     'mae': dict(label='raw MAE, last layer (stage 1)', checkpoint='pretrain/mae.pt'),
-    **{k: dict(label=VARIANTS[k].label, checkpoint=f'refine_{k}/refined.pt') for k in reversed(MODES)},   # baseline first, the method last
+    **{k: dict(label=VARIANTS[k].label, checkpoint=f'{VARIANTS[k].folder}/refined.pt') for k in reversed(MODES)},   # baseline first, the method last
 }
 PROJECTOR_ROWS = tuple(reversed(MODES))
 FEATURE_ROWS = ('mae',) + PROJECTOR_ROWS

@@ -36,6 +36,11 @@ class Variant:
     title: str      # the pipeline's line for its stage (chapter 15)
     label: str      # its row in the evaluation's tables (chapter 14)
 
+    @property
+    def folder(self) -> str:
+        "Its folder in a run (`refine_NAME`, holding `refined.pt`): where the pipeline writes it and the evaluation reads it."
+        return f'refine_{self.name}'
+
 # %% ../nbs/10_refine.ipynb #d89826d8
 VARIANTS = {v.name: v for v in (
     Variant('sce', 'lcr', 'selected', 'stage 2: SCE-MAE (attentive split + DPC-KNN proxies + LCR)', 'SCE-MAE (full)'),

@@ -40,7 +40,7 @@ class Stage:
 # %% ../nbs/15_reproduce.ipynb #2b331124
 STAGES = (
     Stage('pretrain', 'pretrain', 'mae.pt', 'stage 1: MAE pretraining'),
-    *(Stage(f'refine_{k}', f'refine_{k}', 'refined.pt', v.title, k) for k, v in VARIANTS.items()),   # one per stage-2 variant
+    *(Stage(v.folder, v.folder, 'refined.pt', v.title, k) for k, v in VARIANTS.items()),   # one per stage-2 variant
     Stage('evaluate', 'eval', 'results.json', 'evaluation: matching, detection, feature quality, every baseline'),
 )
 REPORT = 'report'

@@ -25,7 +25,7 @@ def run_one(fn: Path, flags: list[str]) -> None:
     from nbdev.config import get_config
     from nbdev.process import NBProcessor
     from nbdev.test import _skip_cell
-    skip = [f for f in str(get_config().tst_flags).split()]
+    skip = str(get_config().tst_flags).split()
     nb = NBProcessor(fn, rm_directives=False, process=True).nb
     shell = CaptureShell(fn, mpl_format=None)
     shell.enable_matplotlib('inline')
