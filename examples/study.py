@@ -35,7 +35,8 @@ from torch.utils.data import Subset
 from sce_mae.config import load_profile, load_checkpoint, cache_dir
 from sce_mae import mae as M
 from sce_mae.mae import MAE, load_mae, save_mae
-from sce_mae.pretrain import pretrain, load_frames
+from sce_mae.pretrain import pretrain
+from sce_mae.training import load_frames
 from sce_mae.refine import refine, load_refined
 from sce_mae.dense import DenseFeatures
 from sce_mae.matching import matching_views, match_points, match_errors, displacement_followed, same_location_baseline
@@ -192,7 +193,7 @@ def detection(a, p, views, out):
     "Regressor schedule on held-out training faces, for raw features and each refined mode of `--refined` (DIR/refine_MODE/refined.pt)."
     from sce_mae.datasets import get_dataset
     from sce_mae.detection import extract_features, train_regressor, predict, interocular_errors, draw_subset
-    from sce_mae.evaluate import head, _which
+    from sce_mae.evaluate import head, row_features
     if a.data == 'synth': raise SystemExit('study.py detection: real data only (--data mtfl --root PATH)')
     at = sorted(int(x) for x in a.det_at.split(','))
     crops = get_dataset(a.data, 'train', a.root, size=p.img_size)
@@ -205,7 +206,7 @@ def detection(a, p, views, out):
     res = dict(kind='detection', mae=a.name, refined=a.refined, set=a.kw, data=a.data, n_train=len(tr_ds), n_val=len(va_ds),
                date=time.strftime('%Y-%m-%d'), threads=a.threads, rows={})
     for k, proj in rows.items():
-        f_tr, f_va = (head(d['feats'], proj, _which(k, 'detection'), dtype=torch.float16) for d in (tr, va))
+        f_tr, f_va = (head(d['feats'], proj, row_features(k, 'detection'), dtype=torch.float16) for d in (tr, va))
         curve, t0 = {}, time.time()
         def read(epoch, reg):
             if epoch in at:

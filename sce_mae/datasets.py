@@ -16,15 +16,15 @@ from tqdm.auto import tqdm
 from .config import data_root, cache_dir, clean_leftovers
 
 # %% auto #0
-__all__ = ['FRAME', 'BORDER', 'CROP', 'MAFL_NAMES', 'DOT_COLOURS', 'W300_DOTS', 'MTFL_ATTRS', 'MTFL_BOX', 'W300_SETS', 'REGISTRY',
-           'DATASETS', 'DataError', 'frame_geometry', 'map_points', 'crop_resize', 'image_tensor', 'input_box',
-           'FaceDataset', 'draw_fixture_image', 'dot_centres', 'CelebA', 'MAFL', 'read_mtfl', 'landmark_box',
-           'fit_landmark_box', 'MTFL', 'AFLW_M', 'AFLW_R', 'read_pts', 'dve_300w_box', 'W300', 'DatasetSpec',
-           'make_fixture', 'cache_name', 'dataset_root', 'find_cache', 'get_dataset', 'prepare_cache', 'CachedFaces',
-           'show_grid', 'main']
+__all__ = ['MAFL_NAMES', 'DOT_COLOURS', 'W300_DOTS', 'MTFL_ATTRS', 'MTFL_BOX', 'W300_SETS', 'REGISTRY', 'DataError',
+           'frame_geometry', 'map_points', 'crop_resize', 'image_tensor', 'input_box', 'FaceDataset',
+           'draw_fixture_image', 'dot_centres', 'CelebA', 'MAFL', 'read_mtfl', 'landmark_box', 'fit_landmark_box',
+           'MTFL', 'AFLW_M', 'AFLW_R', 'read_pts', 'dve_300w_box', 'W300', 'DatasetSpec', 'make_fixture',
+           'register_dataset', 'dataset_names', 'cache_name', 'dataset_root', 'find_cache', 'get_dataset',
+           'prepare_cache', 'CachedFaces', 'show_grid', 'main']
 
 # %% ../nbs/02_datasets.ipynb #f9f04c0d
-FRAME, BORDER, CROP = 136, 20, 96     # DVE / ContrastLandmark frame, trimmed border and input at size 96
+from .synth import FRAME, BORDER, CROP    # the frame geometry of chapter 01: DVE's 136 frame, 20 border, 96 input
 MAFL_NAMES = ('left eye', 'right eye', 'nose', 'left mouth corner', 'right mouth corner')
 
 class DataError(ValueError):
@@ -705,12 +705,25 @@ def make_fixture(name: str, root, n: int | None = None, seed: int = 0) -> Path:
     s.fixture(R, n or s.n_fixture, np.random.default_rng(seed))
     return R
 
+# %% ../nbs/02_datasets.ipynb #928e5c94
+def register_dataset(spec: DatasetSpec, replace: bool = False) -> DatasetSpec:
+    "Add a real dataset to REGISTRY: `get_dataset`, its cache, `make_fixture` and every `--dataset` option then know it."
+    key = spec.name
+    if key != key.lower().replace('-', '_') or key == 'synth':
+        raise ValueError(f"register_dataset: name {key!r} must be lower case without hyphens, and not 'synth'")
+    if key in REGISTRY and not replace:
+        raise ValueError(f"register_dataset: {key!r} is registered already (replace=True replaces it)")
+    REGISTRY[key] = spec
+    return spec
+
 # %% ../nbs/02_datasets.ipynb #6205e2f7
-DATASETS = ('synth', *REGISTRY)
+def dataset_names() -> tuple:
+    "Every name `get_dataset` accepts: 'synth' and the real datasets registered now."
+    return ('synth', *REGISTRY)
 
 def _check_name(name: str) -> str:
     key = str(name).lower().replace('-', '_')
-    if key not in DATASETS: raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    if key not in dataset_names(): raise ValueError(f"unknown dataset {name!r}; known: {', '.join(dataset_names())}")
     return key
 
 def cache_name(name: str, split: str, size: int = CROP, full: bool = False, seed: int = 0) -> str:
@@ -747,7 +760,7 @@ def find_cache(name, split='train', root=None, n=None, size=CROP, full=False, se
 # %% ../nbs/02_datasets.ipynb #711da390
 def get_dataset(name: str, split: str = 'train', root=None, n: int | None = None, size: int = CROP,
                 full: bool = False, seed: int = 0, cache=True):
-    "Dataset `name` (one of DATASETS) for `split`: a real loader, SynthFaces, or the prepared cache of the same request."
+    "Dataset `name` (one of `dataset_names()`) for `split`: a real loader, SynthFaces, or the prepared cache of the same request."
     key = _check_name(name)
     if cache is not False:
         d = find_cache(key, split, root, n, size, full, seed, where=None if cache is True else cache)
@@ -875,7 +888,7 @@ def _parser():
     sub = ap.add_subparsers(dest='cmd', required=True)
     for cmd, hlp in (('prepare', 'write the memory-mapped uint8 cache of a dataset'), ('show', 'save a grid of samples with landmarks')):
         s = sub.add_parser(cmd, help=hlp)
-        s.add_argument('--dataset', required=True, help=f"one of {', '.join(DATASETS)}")
+        s.add_argument('--dataset', required=True, help=f"one of {', '.join(dataset_names())}")
         s.add_argument('--root', default=None, help='dataset folder or a folder of datasets (default: $SCE_MAE_DATA)')
         s.add_argument('--size', type=int, default=CROP, help='input size (default 96)')
         s.add_argument('--full', action='store_true', help='keep the whole 136 frame')

@@ -169,7 +169,7 @@ def train_regressor(feats: torch.Tensor, lms: torch.Tensor, profile: Profile | s
 
 # %% ../nbs/13_detection.ipynb #bff5947c
 @torch.no_grad()
-def predict(reg: Regressor, feats: torch.Tensor, size: int = 96, batch: int = 256) -> torch.Tensor:
+def predict(reg: Regressor, feats: torch.Tensor, size: int, batch: int = 256) -> torch.Tensor:
     "Landmarks (N, P, 2) in pixels of `size`-px images predicted from cached features."
     reg.eval(); dev = next(reg.parameters()).device
     return torch.cat([from_unit(reg(f.to(dev, torch.float32)), size).cpu() for f in feats.split(batch)])

@@ -21,18 +21,18 @@ from .config import (Profile, load_profile, get_device, seed_everything, load_ch
                             set_threads)
 from .datasets import get_dataset
 from .mae import MAE, load_mae, encoder_param_count
-from .refine import load_refined, check_backbone, file_sha256, VARIANTS, MODES
+from .refine import load_refined, check_backbone, file_sha256, VARIANTS, mode_names
 from .dense import DenseFeatures, encoder_gflop
 from .matching import (FRAME, MATCHERS, matching_views, matching_eval, same_location_baseline, show_matches)
 from .detection import (extract_features, evaluate_regressor, draw_subset, interocular_errors, show_detections)
 
 # %% auto #0
 __all__ = ['PAPER_SOURCE', 'PAPER_MATCHING', 'PAPER_DETECTION_SETS', 'PAPER_DETECTION', 'PAPER_ABLATION', 'PAPER_LIMITED',
-           'PAPER_COLUMN', 'ROWS', 'PROJECTOR_ROWS', 'FEATURE_ROWS', 'MEAN_SHAPE', 'IN_DOMAIN', 'find_run',
+           'PAPER_COLUMN', 'MEAN_SHAPE', 'IN_DOMAIN', 'eval_rows', 'projector_rows', 'feature_rows', 'find_run',
            'run_profile', 'head', 'TokenMemo', 'row_fn', 'limited_seed', 'limited_draws', 'limited_epochs',
            'landmark_descriptors', 'silhouette', 'tsne_embed', 'position_r2', 'results_markdown', 'plot_tsne',
-           'plot_limited', 'figure_preview', 'data_fingerprint', 'cache_key', 'in_domain_split', 'evaluate_run', 'main',
-           'bench_matching']
+           'plot_limited', 'figure_preview', 'data_fingerprint', 'cache_key', 'row_features', 'in_domain_split',
+           'evaluate_run', 'main', 'bench_matching']
 
 # %% ../nbs/14_evaluate.ipynb #b1b17172
 PAPER_SOURCE = ("Yin et al., SCE-MAE: Selective Correspondence Enhancement with Masked Autoencoder for "
@@ -70,25 +70,33 @@ PAPER_LIMITED = dict(dataset='AFLW_M', dim=64, errors={1: 18.41, 5: 11.79, 10: 1
 PAPER_COLUMN = {'mafl': 'MAFL', 'celeba': 'MAFL', 'mtfl': 'AFLW_M', 'aflw_m': 'AFLW_M', 'aflw_r': 'AFLW_R', '300w': '300W'}
 
 # %% ../nbs/14_evaluate.ipynb #90c62365
-ROWS = {
-    'same_location': dict(label='same-location (no features)', checkpoint=None),
-    'mae': dict(label='raw MAE, last layer (stage 1)', checkpoint='pretrain/mae.pt'),
-    **{k: dict(label=VARIANTS[k].label, checkpoint=f'{VARIANTS[k].folder}/refined.pt') for k in reversed(MODES)},   # baseline first, the method last
-}
-PROJECTOR_ROWS = tuple(reversed(MODES))
-FEATURE_ROWS = ('mae',) + PROJECTOR_ROWS
+def eval_rows() -> dict:
+    "{row: label and checkpoint in a run}: the two baselines without a projector, then one row per stage-2 variant, as registered now."
+    return {'same_location': dict(label='same-location (no features)', checkpoint=None),
+            'mae': dict(label='raw MAE, last layer (stage 1)', checkpoint='pretrain/mae.pt'),
+            **{k: dict(label=VARIANTS[k].label, checkpoint=VARIANTS[k].checkpoint) for k in projector_rows()}}
+
+def projector_rows() -> tuple:
+    "The rows of the stage-2 variants, the baseline first and the method last."
+    return tuple(reversed(mode_names()))
+
+def feature_rows() -> tuple:
+    "The rows that have features: raw MAE and every projector."
+    return ('mae',) + projector_rows()
+
+# %% ../nbs/14_evaluate.ipynb #f4ff569b
 MEAN_SHAPE = dict(key='mean_shape', label='mean training shape (no features)')
 
 def find_run(run_dir) -> dict:
     "{row: checkpoint Path or None} of a run folder; a clear error when it has no stage-1 backbone."
     run = Path(run_dir)
     if not run.is_dir(): raise FileNotFoundError(f"run folder {run} does not exist")
-    mae = run / ROWS['mae']['checkpoint']
+    mae = run / eval_rows()['mae']['checkpoint']
     if not mae.is_file():
         raise FileNotFoundError(f"{run} has no stage-1 backbone {mae}: a run folder holds pretrain/mae.pt "
-                                f"(sce-mae-pretrain --out {run / 'pretrain'}) and optionally refine_sce/, "
-                                f"refine_no_cluster/, refine_dve/ (sce-mae-refine --mode ...)")
-    return {k: (run / ROWS[k]['checkpoint'] if (run / ROWS[k]['checkpoint']).is_file() else None) for k in FEATURE_ROWS}
+                                f"(sce-mae-pretrain --out {run / 'pretrain'}) and optionally "
+                                f"{', '.join(v.folder + '/' for v in VARIANTS.values())} (sce-mae-refine --mode ...)")
+    return {k: (run / eval_rows()[k]['checkpoint'] if (run / eval_rows()[k]['checkpoint']).is_file() else None) for k in feature_rows()}
 
 # %% ../nbs/14_evaluate.ipynb #b9d8aea1
 def run_profile(run_dir, profile: Profile | str | None = None) -> Profile:
@@ -171,7 +179,7 @@ def limited_epochs(n: int, profile: Profile) -> int:
     return max(profile.det_epochs, math.ceil(profile.det_epochs * profile.det_batch / n))
 
 # %% ../nbs/14_evaluate.ipynb #8d9b54e5
-def landmark_descriptors(maps: torch.Tensor, lms: torch.Tensor, size: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
+def landmark_descriptors(maps: torch.Tensor, lms: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     "Descriptors (B*P, C) sampled bilinearly from maps (B, C, h, w) at landmarks (B, P, 2) of `size` px images, and labels (B*P,)."
     if maps.ndim != 4 or lms.ndim != 3 or len(maps) != len(lms):
         raise ValueError(f"landmark_descriptors: maps (B, C, h, w) and lms (B, P, 2) with the same B; got {tuple(maps.shape)}, {tuple(lms.shape)}")
@@ -222,7 +230,7 @@ def _missing(res, key) -> str:
 def _detection_table(res: dict, d: dict) -> str:
     "The detection table of one protocol `d` (mean shape first, then every feature row)."
     body = []
-    for k in (MEAN_SHAPE['key'],) + FEATURE_ROWS:
+    for k in (MEAN_SHAPE['key'],) + feature_rows():
         r = d['rows'].get(k)
         label = MEAN_SHAPE['label'] if k == MEAN_SHAPE['key'] else res['rows'][k]['label']
         if r is None: body.append([label, _missing(res, k), '', '', '']); continue
@@ -238,14 +246,14 @@ def results_markdown(res: dict) -> str:
     out.append(f"Run `{res['run_dir']}`; stride {res['stride']} ({res['map']}x{res['map']} maps); device {res['device']}; "
                f"sce-mae {res['version']}. Every row below was computed in this run on the same images; the paper's "
                f"numbers are in the tables titled *Paper*, never in ours.\n")
-    for k in FEATURE_ROWS:
+    for k in feature_rows():
         if not rows[k]['available']: out.append(f"- **note**: {rows[k]['label']}: {rows[k]['note']}; its row is skipped.")
     m = res['matching']
     out.append(f"\n## Ours: landmark matching ({res['dataset']} test, {m['n_images']} images, {m['n_pairs']} pairs per identity; "
                f"mean error, px of the {FRAME}x{FRAME} frame)\n")
     hdr = ['row', 'descriptor', 'dim', 'params (M)', 'paper matcher: same', 'paper matcher: different', 'DVE matcher: same', 'DVE matcher: different']
     body = []
-    for k in ('same_location',) + FEATURE_ROWS:
+    for k in ('same_location',) + feature_rows():
         r = m['rows'].get(k)
         if r is None: body.append([rows[k]['label'], _missing(res, k), '', '', '', '', '', '']); continue
         body.append([rows[k]['label'], rows[k]['descriptor'], rows[k]['dim'] or '—', _f(rows[k]['params_m'], 3),
@@ -254,7 +262,7 @@ def results_markdown(res: dict) -> str:
     out.append("\n(The same-location row answers with the reference position whatever the matcher.)\n")
     out.append("\n### Ours: matching per landmark (paper matcher, different identity)\n")
     body = [[rows[k]['label'], *[_f(e) for e in m['rows'][k]['paper']['different_per_landmark']]]
-            for k in ('same_location',) + FEATURE_ROWS if m['rows'].get(k) is not None]
+            for k in ('same_location',) + feature_rows() if m['rows'].get(k) is not None]
     out.append(_table(['row'] + [f'landmark {i}' for i in range(len(body[0]) - 1)], body))
     d = res['detection']
     out.append(f"\n## Ours: landmark detection (inter-ocular error %, {d['n_train']} training and {d['n_test']} test images of "
@@ -275,7 +283,7 @@ def results_markdown(res: dict) -> str:
     out.append(f"\n## Ours: feature quality (silhouette of the landmark descriptors of {q['n_images']} test images, "
                f"label = landmark; position R² = how well a linear map reads each cell's position off its feature)\n")
     body = [[rows['same_location']['label'], 'n/a (no features)', '—', '—', '—']]
-    for k in FEATURE_ROWS:
+    for k in feature_rows():
         r = q['rows'].get(k)
         body.append([rows[k]['label'], _missing(res, k), '', '', ''] if r is None else
                     [rows[k]['label'], rows[k]['descriptor'], r['dim'], _f(r['silhouette'], 3), _f(r.get('position_r2'), 3)])
@@ -307,7 +315,7 @@ def results_markdown(res: dict) -> str:
 def plot_tsne(res: dict):
     "t-SNE of the landmark descriptors, one panel per feature row, coloured by landmark; returns the Figure."
     q = res['feature_quality']['rows']
-    keys = [k for k in FEATURE_ROWS if q.get(k) is not None]
+    keys = [k for k in feature_rows() if q.get(k) is not None]
     fig, axs = plt.subplots(1, max(1, len(keys)), figsize=(3 * max(1, len(keys)), 3.1), squeeze=False)
     for ax, k in zip(axs[0], keys):
         e, lab = np.asarray(q[k]['tsne']), np.asarray(q[k]['labels'])
@@ -403,12 +411,12 @@ def _load_rows(ckpts: dict, p: Profile, dev):
     mae = load_mae(ckpts['mae']).to(dev).eval()
     check_backbone(mae, p, source=str(ckpts['mae']))
     enc_m = encoder_param_count(mae) / 1e6
-    rows = {'same_location': dict(label=ROWS['same_location']['label'], checkpoint=None, available=True, note=None,
+    rows = {'same_location': dict(label=eval_rows()['same_location']['label'], checkpoint=None, available=True, note=None,
                                   descriptor='the reference position', dim=None, params_m=0.0)}
     proj = {}
-    for k in FEATURE_ROWS:
-        rel = ROWS[k]['checkpoint']
-        r = rows[k] = dict(label=ROWS[k]['label'], checkpoint=rel, available=ckpts[k] is not None, note=None)
+    for k in feature_rows():
+        rel = eval_rows()[k]['checkpoint']
+        r = rows[k] = dict(label=eval_rows()[k]['label'], checkpoint=rel, available=ckpts[k] is not None, note=None)
         if ckpts[k] is None:
             r.update(note=f'missing {rel}', descriptor=None, dim=None, params_m=None)
             print(f"note: {ckpts['mae'].parent.parent / rel} does not exist: the row '{r['label']}' is skipped")
@@ -426,7 +434,7 @@ def _load_rows(ckpts: dict, p: Profile, dev):
     return mae, proj, rows
 
 # %% ../nbs/14_evaluate.ipynb #cdfc1f35
-def _which(k: str, task: str) -> str:
+def row_features(k: str, task: str) -> str:
     "The features of row `k` for matching / t-SNE ('descriptor') or detection ('detection')."
     return 'stage1' if k == 'mae' else ('stage2' if task == 'descriptor' else 'both')
 
@@ -443,16 +451,16 @@ def _matching_step(raw, proj, avail, views, p, threads, progress, figures, T) ->
     with threads_limit(1):
         sl = same_location_baseline(views=views)
         rows = {'same_location': {mm: sl['same_location'] for mm in MATCHERS}}
-        for k in FEATURE_ROWS:
+        for k in feature_rows():
             rows[k] = None
             if k not in avail: continue
-            r = matching_eval(row_fn(memo, proj.get(k), _which(k, 'descriptor')), views=views, matcher=MATCHERS, progress=False)
+            r = matching_eval(row_fn(memo, proj.get(k), row_features(k, 'descriptor')), views=views, matcher=MATCHERS, progress=False)
             rows[k] = {mm: r[mm] for mm in MATCHERS}
         T['matching'] = time.time() - t0; t0 = time.time()
         for k in avail if figures else ():
-            fig = show_matches(row_fn(memo, proj.get(k), _which(k, 'descriptor')), views=views,
+            fig = show_matches(row_fn(memo, proj.get(k), row_features(k, 'descriptor')), views=views,
                                pairs=range(min(4, len(views['pairs']))), matcher='paper')
-            fig.suptitle(f"{ROWS[k]['label']}: different identities, paper matcher; error to the truth in red", fontsize=9)
+            fig.suptitle(f"{eval_rows()[k]['label']}: different identities, paper matcher; error to the truth in red", fontsize=9)
             figs[f'matching_{k}.png'] = fig
         T['matching_figures'] = time.time() - t0
     memo.clear()
@@ -487,11 +495,11 @@ def _mean_shape_row(tr: dict, te: dict) -> dict:
 def _detection_row(tr_tok, te_tok, proj, k, p, seed, dev, threads) -> tuple[dict, torch.Tensor, dict, dict]:
     "Row `k`'s regressor on token maps `tr_tok` / `te_tok`: (its result, its test predictions, its training and test features)."
     with threads_limit(threads):
-        tr = dict(tr_tok, feats=head(tr_tok['feats'], proj.get(k), _which(k, 'detection'), dtype=torch.float16))
-        te = dict(te_tok, feats=head(te_tok['feats'], proj.get(k), _which(k, 'detection'), dtype=torch.float16))
+        tr = dict(tr_tok, feats=head(tr_tok['feats'], proj.get(k), row_features(k, 'detection'), dtype=torch.float16))
+        te = dict(te_tok, feats=head(te_tok['feats'], proj.get(k), row_features(k, 'detection'), dtype=torch.float16))
         r = evaluate_regressor(tr, te, p, n_train=0, seed=seed, return_model=True, progress=False, device=dev)
     r.pop('model'); r.pop('seconds', None); pred = r.pop('pred')
-    r.update(features={'stage1': 'stage 1', 'both': 'stage 1 + stage 2'}[_which(k, 'detection')], dim=int(tr['feats'].shape[1]))
+    r.update(features={'stage1': 'stage 1', 'both': 'stage 1 + stage 2'}[row_features(k, 'detection')], dim=int(tr['feats'].shape[1]))
     return r, pred, tr, te
 
 # %% ../nbs/14_evaluate.ipynb #1c299db1
@@ -511,7 +519,7 @@ def _detection_step(raw, proj, avail, train, test, p, seed, cdir, keys, dev, thr
     nq = min(p.tsne_images, len(te_tok['lms']))
     qual = dict(n_images=nq, n_descriptors=nq * te_tok['lms'].shape[1], rows={})
     preds = {}
-    for k in tqdm(FEATURE_ROWS, desc='detection rows', disable=not progress):
+    for k in tqdm(feature_rows(), desc='detection rows', disable=not progress):
         det[k] = qual['rows'][k] = None
         if k in limited_rows: lim['rows'][k] = None
         if k not in avail: continue
@@ -522,7 +530,7 @@ def _detection_step(raw, proj, avail, train, test, p, seed, cdir, keys, dev, thr
             if k in limited_rows: lim['rows'][k] = _limited_row(tr, te, p, seed, dev)
         T['limited'] += time.time() - t0; t0 = time.time()
         with threads_limit(1):
-            maps = head(te_tok['feats'][:nq], proj.get(k), _which(k, 'descriptor'))
+            maps = head(te_tok['feats'][:nq], proj.get(k), row_features(k, 'descriptor'))
             desc, lab = landmark_descriptors(maps, te_tok['lms'][:nq], p.img_size)
             qual['rows'][k] = dict(silhouette=silhouette(desc, lab), dim=int(desc.shape[1]), position_r2=position_r2(maps),
                                    tsne=tsne_embed(desc, seed).round(4), labels=lab)
@@ -554,7 +562,7 @@ def _in_domain_step(te_tok, proj, avail, p, spec, seed, dev, threads, progress) 
     part = lambda idx: {k: te_tok[k][idx] for k in ('feats', 'lms', 'eyes', 'index')}
     trt, tet = part(tr_i), part(te_i)
     rows = {MEAN_SHAPE['key']: _mean_shape_row(trt, tet)}
-    for k in tqdm(FEATURE_ROWS, desc='in-domain detection rows', disable=not progress):
+    for k in tqdm(feature_rows(), desc='in-domain detection rows', disable=not progress):
         rows[k] = None
         if k not in avail: continue
         rows[k] = _detection_row(trt, tet, proj, k, p, seed, dev, threads)[0]
@@ -586,7 +594,7 @@ def evaluate_run(run_dir, profile: Profile | str | None = None, dataset: str | N
     if cdir: cdir.mkdir(exist_ok=True)
     seed_everything(seed)
     mae, proj, rows = _load_rows(ckpts, p, dev)
-    avail = [k for k in FEATURE_ROWS if rows[k]['available']]
+    avail = [k for k in feature_rows() if rows[k]['available']]
     raw = DenseFeatures(mae, stride=p.eval_stride, which='stage1', l2=False)     # raw token maps: every row's source
     sha = file_sha256(ckpts['mae'])[:16]
     test_full, test, train, _ = _eval_data(p, name, root, seed)
@@ -623,7 +631,7 @@ def evaluate_run(run_dir, profile: Profile | str | None = None, dataset: str | N
                 k = 'sce' if 'sce' in preds else list(preds)[-1]
                 imgs = torch.stack([test[i]['img'] for i in range(min(8, len(test)))])
                 figs[f"detection_{k}.png"] = show_detections(imgs, preds[k], te_tok["lms"], te_tok["eyes"], n=len(imgs), cols=4,
-                                                             title=f"{ROWS[k]['label']}: predicted (x) and true (o) landmarks")
+                                                             title=f"{eval_rows()[k]['label']}: predicted (x) and true (o) landmarks")
             plain = _plain(res)
             if any(v is not None for v in res['feature_quality']['rows'].values()): figs['tsne.png'] = plot_tsne(plain)
             if any(v is not None for v in res['limited']['rows'].values()): figs['limited.png'] = plot_limited(plain)

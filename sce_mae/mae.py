@@ -65,7 +65,7 @@ def grid_positions(idx: torch.Tensor, grid: int) -> torch.Tensor:
     "(row, col) in patch units, float, of grid indices `idx` (...,) on a grid x grid map -> (..., 2)."
     return torch.stack([torch.div(idx, grid, rounding_mode='floor'), idx % grid], -1).float()
 
-def grid_centres(n: int, size: int = 96) -> torch.Tensor:
+def grid_centres(n: int, size: int) -> torch.Tensor:
     "Pixel coordinates of the centres of the `n` cells of a map covering `size` pixels: (j + 0.5) size / n - 0.5."
     return (torch.arange(n, dtype=torch.float32) + 0.5) * (size / n) - 0.5
 
@@ -76,7 +76,7 @@ def cell_centres(grid: int, patch: int, device=None) -> torch.Tensor:
     yy, xx = torch.meshgrid(c, c, indexing='ij')
     return torch.stack([xx.reshape(-1), yy.reshape(-1)], -1)
 
-def nearest_cell(pts: torch.Tensor, hw: tuple[int, int], size: int = 96) -> torch.Tensor:
+def nearest_cell(pts: torch.Tensor, hw: tuple[int, int], size: int) -> torch.Tensor:
     "Index (col, row) of the cell of an (h, w) map whose area holds each point (..., 2) in pixels of a `size` image."
     h, w = hw
     col = torch.floor((pts[..., 0] + 0.5) * (w / size)).long().clamp(0, w - 1)

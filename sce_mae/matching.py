@@ -26,7 +26,7 @@ FRAME = 70                  # side of DVE's canonical frame: errors are reported
 MATCHERS = ('paper', 'dve')
 
 # %% ../nbs/12_matching.ipynb #03103ea4
-def bump_features(lms: torch.Tensor, size: int = 96, stride: int = 4, sigma: float | None = None,
+def bump_features(lms: torch.Tensor, size: int, stride: int = 4, sigma: float | None = None,
                   const: float = 0.) -> torch.Tensor:
     "Dense map (B, P (+1 if const), size/stride, size/stride): a Gaussian bump per landmark at its position."
     if size % stride: raise ValueError(f"size {size} is not a multiple of stride {stride}")
@@ -108,8 +108,8 @@ def _match_dve(fa, fb, pts, size):
                         grid_centres(hb, size).to(fb.device)[idx // wb]], -1)
 
 # %% ../nbs/12_matching.ipynb #2d1f4c02
-def match_points(fa: torch.Tensor, fb: torch.Tensor, pts_a: torch.Tensor, matcher: str = 'paper',
-                 size: int = 96, chunk: int = 64) -> torch.Tensor:
+def match_points(fa: torch.Tensor, fb: torch.Tensor, pts_a: torch.Tensor, matcher: str,
+                 size: int, chunk: int = 64) -> torch.Tensor:
     "Match `pts_a` (B,P,2 pixels) of the maps `fa` (B,C,h,w) into the maps `fb` (B,C,h',w'): positions (B,P,2) in pixels."
     if matcher not in MATCHERS: raise ValueError(f"unknown matcher {matcher!r}; choose from {MATCHERS}")
     if fa.ndim != 4 or fb.ndim != 4 or len(fa) != len(fb) or fa.shape[1] != fb.shape[1]:
@@ -125,7 +125,7 @@ def match_points(fa: torch.Tensor, fb: torch.Tensor, pts_a: torch.Tensor, matche
                       for i in range(0, len(fa), chunk)]).cpu()
 
 # %% ../nbs/12_matching.ipynb #8b07cd02
-def match_errors(pred: torch.Tensor, gt: torch.Tensor, size: int = 96) -> torch.Tensor:
+def match_errors(pred: torch.Tensor, gt: torch.Tensor, size: int) -> torch.Tensor:
     "Distances (B, P) between matched and true positions, in pixels of DVE's 70 x 70 frame (x 70 / size)."
     return (pred.float() - gt.float()).norm(dim=-1) * (FRAME / size)
 

@@ -4,9 +4,8 @@
 
 # %% ../nbs/05_pretrain.ipynb #029e88de
 from __future__ import annotations
-import argparse, importlib.resources, json, math, os, sys, time, warnings
+import argparse, importlib.resources, json, os, time
 from pathlib import Path
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.distributed as dist
@@ -14,107 +13,24 @@ from tqdm.auto import tqdm
 from .config import (Profile, load_profile, get_device, seed_everything, save_checkpoint, load_checkpoint,
                             add_run_args, parse_run_args, cli, writable_dir, bench_context, bench_note, sync_device, file_sha256,
                             set_threads, finished_run, write_atomic)
+from .training import (warmup_cosine, param_groups, adamw, load_frames, step_draws, augment, epoch_order, rng_state,
+                              set_rng_state, StepLog)
 from .mae import MAE, save_mae, load_mae, reconstruct, show_reconstructions, show_attention, mae_step_gflop
 
 # %% auto #0
-__all__ = ['warmup_cosine', 'pretrain_lr', 'param_groups', 'adamw', 'make_optimizer', 'load_frames', 'seeded_generator',
-           'epoch_order', 'step_draws', 'augment', 'train_step', 'rng_state', 'set_rng_state', 'StepLog', 'pretrain',
-           'plot_loss', 'show_recon_progress', 'main', 'official_step', 'bench_pretrain', 'BackboneError',
-           'backbones_dir', 'shipped_backbones', 'shipped_backbone', 'install_backbone']
+__all__ = ['pretrain_lr', 'make_optimizer', 'train_step', 'pretrain', 'plot_loss', 'show_recon_progress', 'main', 'official_step',
+           'bench_pretrain', 'BackboneError', 'backbones_dir', 'shipped_backbones', 'shipped_backbone',
+           'install_backbone']
 
 # %% ../nbs/05_pretrain.ipynb #b255262e
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float = 0.0) -> float:
-    "Learning rate at 0-based `step`: linear warm-up to `base_lr` over `warmup_steps`, then half a cosine to `min_lr` at `total_steps`."
-    if step < warmup_steps: return base_lr * (step + 1) / warmup_steps
-    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * t))
-
 def pretrain_lr(profile: Profile) -> float:
     "MAE's rule: `pre_base_lr` scaled by the global batch / 256."
     return profile.pre_base_lr * profile.pre_batch / 256
 
 # %% ../nbs/05_pretrain.ipynb #428e4cbe
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    "Two AdamW groups: decayed weight matrices, and undecayed norms, biases and `model.no_weight_decay()` names."
-    skip = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else set()
-    decay, no_decay = [], []
-    for n, w in model.named_parameters():
-        if not w.requires_grad: continue
-        (no_decay if w.ndim <= 1 or n.endswith('.bias') or n in skip else decay).append(w)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
-
-def adamw(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999), fused: bool = True) -> torch.optim.AdamW:
-    "AdamW over `param_groups(model, weight_decay)`; the fused kernel when the device has one."
-    try: return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused)
-    except (RuntimeError, TypeError): return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas)
-
 def make_optimizer(model: nn.Module, profile: Profile, fused: bool = True) -> torch.optim.AdamW:
     "AdamW with MAE's recipe for `model` (lr set per step by the schedule)."
     return adamw(model, pretrain_lr(profile), profile.pre_weight_decay, (profile.pre_beta1, profile.pre_beta2), fused)
-
-# %% ../nbs/05_pretrain.ipynb #32a5f6cf
-_FRAMES: dict = {}
-
-def _stack_imgs(batch): return torch.stack([r['img'] for r in batch])
-
-# %% ../nbs/05_pretrain.ipynb #d92490ee
-def load_frames(profile: Profile | str, dataset: str | None = None, root=None, split: str = 'train',
-                progress: bool = True) -> torch.Tensor:
-    "The pretraining images of `profile` (n_train of them; all when 0) as a uint8 tensor (n, 3, frame, frame)."
-    from sce_mae.datasets import get_dataset
-    p = load_profile(profile)
-    name = dataset or p.dataset
-    key = (name, split, str(root), p.n_train, p.img_size)
-    if key in _FRAMES: return _FRAMES[key]
-    ds = get_dataset(name, split, root, n=p.n_train or None, size=p.img_size, full=True)
-    images = getattr(ds, 'images', None)  # a prepared cache: its uint8 (N, F, F, 3) memmap, read as it is
-    if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')  # a read-only memmap: we never write to it
-            out = torch.from_numpy(images[:len(ds)]).permute(0, 3, 1, 2)
-    else:
-        F_ = ds[0]['img'].shape[-1]
-        out = torch.empty(len(ds), 3, F_, F_, dtype=torch.uint8)
-        loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=p.num_workers, collate_fn=_stack_imgs)
-        i = 0
-        for x in tqdm(loader, desc=f'{name} {split}: {len(ds)} frames', disable=not progress, leave=False):
-            out[i:i + len(x)] = (x * 255).round_().clamp_(0, 255).to(torch.uint8); i += len(x)
-    if out.shape[-1] != p.frame_size:
-        raise ValueError(f"load_frames: {name} frames are {out.shape[-1]}x{out.shape[-1]}, the profile's frame_size is {p.frame_size}")
-    _FRAMES.clear(); _FRAMES[key] = out  # one set of frames at a time
-    return out
-
-# %% ../nbs/05_pretrain.ipynb #f37a88c6
-def seeded_generator(*ints: int) -> torch.Generator:
-    "A CPU generator seeded by a fixed mix of integers (e.g. seed, salt, epoch, step)."
-    h = 0
-    for v in ints: h = (h * 1_000_003 + int(v) + 1) % (2 ** 61 - 1)
-    return torch.Generator().manual_seed(h)
-
-def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
-    "The order in which epoch `epoch` visits the n training images."
-    return torch.randperm(n, generator=seeded_generator(seed, 1, epoch))
-
-# %% ../nbs/05_pretrain.ipynb #167d790e
-def step_draws(seed: int, epoch: int, step: int, batch: int, profile: Profile) -> dict:
-    "Every random number of one step for the global batch: crop offsets, jitter factors, masking noise."
-    g = seeded_generator(seed, 2, epoch, step)
-    m = profile.frame_size - profile.img_size
-    return dict(off=torch.randint(0, m + 1, (batch, 2), generator=g),
-                fac=1 + profile.jitter * (2 * torch.rand(batch, 3, generator=g) - 1),
-                noise=torch.rand(batch, profile.n_tokens, generator=g))
-
-# %% ../nbs/05_pretrain.ipynb #91ec32ef
-def augment(frames: torch.Tensor, off: torch.Tensor, fac: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 frames (B, 3, F, F) -> float [0, 1] crops (B, 3, size, size) at `off` (B, 2) (y, x), jittered by `fac` (B, 3).
-    Brightness b, contrast c (around the image's mean grey) and saturation s (around each pixel's grey)
-    compose to one affine map per image, b*c*s*x + b*c*(1-s)*grey + b*(1-c)*mean_grey, clipped once."""
-    B, dev = len(frames), frames.device
-    x = torch.stack([frames[i, :, y:y + size, x_:x_ + size] for i, (y, x_) in enumerate(off.tolist())]).float().div_(255)
-    b, c, s = (fac[:, i].to(dev).view(B, 1, 1, 1) for i in range(3))
-    grey = x[:, :1] * 0.299 + x[:, 1:2] * 0.587 + x[:, 2:] * 0.114
-    mean_grey = grey.mean((2, 3), keepdim=True)
-    return x.mul_(b * c * s).add_(grey * (b * c * (1 - s))).add_(mean_grey * (b * (1 - c))).clamp_(0, 1)
 
 # %% ../nbs/05_pretrain.ipynb #070240e2
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, frames: torch.Tensor, draws: dict, lr: float,
@@ -142,34 +58,6 @@ def _dist_setup(device):
     started = not dist.is_initialized()
     if started: dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
     return world, rank, dev, started
-
-# %% ../nbs/05_pretrain.ipynb #ee6654f0
-def rng_state() -> dict:
-    "The global torch RNG states (CPU, and every CUDA device when present), for a checkpoint."
-    st = {'torch': torch.get_rng_state()}
-    if torch.cuda.is_available(): st['cuda'] = torch.cuda.get_rng_state_all()
-    return st
-
-def set_rng_state(st: dict):
-    "Restore the RNG states saved by `rng_state` (the CUDA ones only on the same number of devices)."
-    torch.set_rng_state(st['torch'])
-    if 'cuda' in st and torch.cuda.is_available() and len(st['cuda']) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(st['cuda'])
-
-# %% ../nbs/05_pretrain.ipynb #61f46f58
-class StepLog:
-    "The books of a training loop: per-step loss check and log, progress bar, per-epoch summary in `log`."
-    def __init__(self, log: dict, bar, batch: int): self.log, self.bar, self.batch = log, bar, batch
-    def start_epoch(self): self.t0, self.losses = time.perf_counter(), []
-    def step(self, loss: float, step: int, epoch: int, lr: float):
-        if not math.isfinite(loss): raise FloatingPointError(f"loss is {loss} at epoch {epoch}, step {step}")
-        self.losses.append(loss); self.log['steps'].append(dict(step=step, epoch=epoch, loss=loss, lr=lr))
-        rate = self.batch * len(self.losses) / (time.perf_counter() - self.t0)
-        self.bar.update(); self.bar.set_postfix(epoch=epoch + 1, loss=f'{loss:.4f}', img_s=f'{rate:.0f}')
-    def end_epoch(self, epoch: int):
-        dt = time.perf_counter() - self.t0
-        self.log['epochs'].append(dict(epoch=epoch + 1, loss=sum(self.losses) / len(self.losses), time_s=dt,
-                                       img_per_s=self.batch * len(self.losses) / dt))
 
 # %% ../nbs/05_pretrain.ipynb #efe2bb69
 # The training loop in one function: data, model, optimiser, resume, epochs, checkpoints, each a named step of this chapter.

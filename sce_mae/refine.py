@@ -15,31 +15,39 @@ from .config import (Profile, load_profile, get_device, seed_everything, save_ch
                             add_run_args, parse_run_args, cli, writable_dir, bench_context, bench_note, file_sha256,
                             sync_device, finished_run)
 from .mae import MAE, load_mae, grid_positions, cell_centres
-from .pretrain import (warmup_cosine, adamw, StepLog, load_frames, epoch_order, step_draws, augment,
+from .training import (warmup_cosine, adamw, StepLog, load_frames, epoch_order, step_draws, augment,
                               seeded_generator, rng_state, set_rng_state)
 from .carb import carb_inputs, Projector
 from .lcr import lcr_from_profile
 from .tps import tps_pair, map_points
 
 # %% auto #0
-__all__ = ['VARIANTS', 'MODES', 'LCR_MODES', 'DVE_POW', 'DVE_SCALE', 'Variant', 'lcr_batches', 'stage2_batch', 'view_offsets',
-           'show_selection', 'dve_loss', 'refine_loss', 'make_refine_optimizer', 'refine_step', 'check_backbone',
-           'training_batches', 'refine_modes', 'refine', 'load_refined', 'main', 'bench_refine']
+__all__ = ['REFINED', 'VARIANTS', 'TOKEN_SETS', 'DVE_POW', 'DVE_SCALE', 'LOSSES', 'Variant', 'mode_names', 'token_mode_names',
+           'lcr_batches', 'stage2_batch', 'view_offsets', 'show_selection', 'dve_loss', 'refine_loss',
+           'register_variant', 'make_refine_optimizer', 'refine_step', 'check_backbone', 'training_batches',
+           'refine_modes', 'refine', 'load_refined', 'main', 'bench_refine']
 
 # %% ../nbs/10_refine.ipynb #38f97d81
+REFINED = 'refined.pt'      # a finished projector's file in its folder
+
 @dataclass(frozen=True)
 class Variant:
     "A stage-2 variant: its loss, the tokens it learns from, and the words the pipeline and the evaluation use for it."
     name: str
-    loss: str       # 'lcr' (chapter 09) or 'dve' (DVE's equivariance loss on two TPS views)
-    tokens: str     # 'selected' (CARB's attentive set and proxies, chapter 08), 'all' (every token) or 'views' (TPS views)
+    loss: str       # a key of LOSSES: 'lcr' (chapter 09) or 'dve' (DVE's equivariance loss)
+    tokens: str     # a key of TOKEN_SETS ('selected': CARB's set, chapter 08; 'all': every token) or 'views' (two TPS views)
     title: str      # the pipeline's line for its stage (chapter 15)
     label: str      # its row in the evaluation's tables (chapter 14)
 
     @property
     def folder(self) -> str:
-        "Its folder in a run (`refine_NAME`, holding `refined.pt`): where the pipeline writes it and the evaluation reads it."
+        "Its folder in a run (`refine_NAME`): where the pipeline writes it and the evaluation reads it."
         return f'refine_{self.name}'
+
+    @property
+    def checkpoint(self) -> str:
+        "Its finished projector, relative to the run folder."
+        return f'{self.folder}/{REFINED}'
 
 # %% ../nbs/10_refine.ipynb #d89826d8
 VARIANTS = {v.name: v for v in (
@@ -47,11 +55,17 @@ VARIANTS = {v.name: v for v in (
     Variant('no_cluster', 'lcr', 'all', 'ablation: LCR over all tokens, no clustering', 'SCE-MAE without clustering'),
     Variant('dve', 'dve', 'views', 'baseline: the DVE loss on TPS pairs', 'DVE-loss projector'),
 )}
-MODES = tuple(VARIANTS)
-LCR_MODES = tuple(k for k, v in VARIANTS.items() if v.loss == 'lcr')
+
+def mode_names() -> tuple:
+    "The refine modes, one per entry of VARIANTS, as registered now."
+    return tuple(VARIANTS)
+
+def token_mode_names() -> tuple:
+    "The modes that learn from token sets of two crops of each face (all but the TPS-view ones): they share encoder passes."
+    return tuple(k for k, v in VARIANTS.items() if v.tokens != 'views')
 
 def _check_mode(mode):
-    if mode not in VARIANTS: raise ValueError(f"refine: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode not in VARIANTS: raise ValueError(f"refine: unknown mode {mode!r}; choose one of {', '.join(mode_names())}")
     return mode
 
 # %% ../nbs/10_refine.ipynb #4b0606ea
@@ -68,22 +82,27 @@ def _all_tokens(e, p: Profile) -> dict:
     pos = grid_positions(torch.arange(N, device=dev), p.grid).expand(B, N, 2)
     return dict(sel=e.tokens.float(), pos=pos, is_att=torch.ones(B, N, dtype=torch.bool, device=dev))
 
-def _lcr_inputs(e, p: Profile, mode: str) -> dict:
-    "One LCR mode's inputs from an encoded batch, by its variant's tokens: CARB's selected set ('selected') or every token ('all')."
-    if VARIANTS[mode].tokens == 'all': return dict(mode=mode, **_all_tokens(e, p))
+def _selected_tokens(e, p: Profile) -> dict:
+    "CARB's selected set of an encoded batch (chapter 08): the attentive tokens and the proxies of the inattentive ones."
     sb = p.split_block
-    return dict(mode=mode, **carb_inputs(e.tokens.float(), e.blocks[sb].float(), e.attn.float(), p.eta, p.dpc_k, p.k_c, p.grid))
+    return carb_inputs(e.tokens.float(), e.blocks[sb].float(), e.attn.float(), p.eta, p.dpc_k, p.k_c, p.grid)
+
+TOKEN_SETS = {'selected': _selected_tokens, 'all': _all_tokens}     # a variant's `tokens`: which tokens its loss sees
+
+def _lcr_inputs(e, p: Profile, mode: str) -> dict:
+    "One token mode's inputs from an encoded batch: its variant's token set."
+    return dict(mode=mode, **TOKEN_SETS[VARIANTS[mode].tokens](e, p))
 
 # %% ../nbs/10_refine.ipynb #61b8f8f1
 @torch.no_grad()
-def lcr_batches(mae: MAE, imgs: torch.Tensor, profile: Profile | str, modes=LCR_MODES,
+def lcr_batches(mae: MAE, imgs: torch.Tensor, profile: Profile | str, modes=None,
                 imgs_b: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> dict:
-    """{mode: inputs} of the LCR `modes` for [0, 1] crops `imgs` (B, 3, S, S), one encoder pass serving them all. Given second
+    """{mode: inputs} of the token `modes` (default all) for [0, 1] crops `imgs` (B, 3, S, S), one encoder pass serving them all. Given second
     crops `imgs_b` of the same faces and their offsets `shift` (B, 2) (y, x, px) from the first, all their tokens join every
     mode's batch (`sel_b`, `pos_b` in the first crop's patch grid, `is_att_b`)."""
-    p, modes, B = load_profile(profile), tuple(modes), len(imgs)
-    if not modes or any(m not in LCR_MODES for m in modes):
-        raise ValueError(f"lcr_batches: modes {modes} must be some of {', '.join(LCR_MODES)}")
+    p, modes, B = load_profile(profile), tuple(token_mode_names() if modes is None else modes), len(imgs)
+    if not modes or any(m not in token_mode_names() for m in modes):
+        raise ValueError(f"lcr_batches: modes {modes} must be some of {', '.join(token_mode_names())}")
     if imgs_b is not None and (imgs_b.shape != imgs.shape or shift is None or tuple(shift.shape) != (B, 2)):
         raise ValueError(f"lcr_batches: imgs_b must be like imgs {tuple(imgs.shape)} and shift (B, 2) = ({B}, 2)")
     e = _encode(mae, imgs, p, split=any(VARIANTS[m].tokens == 'selected' for m in modes))
@@ -98,10 +117,10 @@ def lcr_batches(mae: MAE, imgs: torch.Tensor, profile: Profile | str, modes=LCR_
 @torch.no_grad()
 def stage2_batch(mae: MAE, imgs: torch.Tensor, profile: Profile | str, mode: str = 'sce',
                  pair_seed: int | None = None, imgs_b: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> dict:
-    """Frozen-encoder inputs of the `mode` loss for [0, 1] crops `imgs` (B, 3, S, S): `lcr_batches` for the LCR modes
-    (`imgs_b`, `shift`: the second crops), two TPS views drawn with `pair_seed` for the DVE loss."""
+    """Frozen-encoder inputs of the `mode` loss for [0, 1] crops `imgs` (B, 3, S, S): `lcr_batches` for the token modes
+    (`imgs_b`, `shift`: the second crops), two TPS views drawn with `pair_seed` for the 'views' modes (DVE's loss)."""
     p, mode = load_profile(profile), _check_mode(mode)
-    if VARIANTS[mode].loss == 'lcr': return lcr_batches(mae, imgs, p, (mode,), imgs_b, shift)[mode]
+    if VARIANTS[mode].tokens != 'views': return lcr_batches(mae, imgs, p, (mode,), imgs_b, shift)[mode]
     if pair_seed is None: raise ValueError(f"stage2_batch: mode {mode!r} needs pair_seed (the seed of the TPS views)")
     B, dev = len(imgs), imgs.device
     pair = tps_pair(imgs, None, p, seed=int(pair_seed), padding_mode='border')
@@ -164,13 +183,30 @@ def dve_loss(phi1: torch.Tensor, phi2: torch.Tensor, target: torch.Tensor, centr
     return (prob * dist.to(prob.dtype)).sum(-1).mean()
 
 # %% ../nbs/10_refine.ipynb #083ebd00
-def refine_loss(projector: nn.Module, batch: dict, profile: Profile | str) -> torch.Tensor:
-    "The stage-2 loss of a `stage2_batch` under the projector: its variant's, LCR or DVE's."
-    p = load_profile(profile)
-    if VARIANTS[batch['mode']].loss == 'dve':
-        return dve_loss(projector(batch['tok1']), projector(batch['tok2']), batch['target'], batch['centres'])
+def _lcr_loss(projector: nn.Module, batch: dict, p: Profile) -> torch.Tensor:
+    "LCR (chapter 09) on a token batch, the second crop's tokens joining when the batch has them."
     other = (projector(batch['sel_b']), batch['pos_b'], batch['is_att_b']) if 'sel_b' in batch else None
     return lcr_from_profile(projector(batch['sel']), batch['pos'], batch['is_att'], p, other)
+
+def _dve_loss(projector: nn.Module, batch: dict, p: Profile) -> torch.Tensor:
+    "DVE's loss on a batch of two TPS views."
+    return dve_loss(projector(batch['tok1']), projector(batch['tok2']), batch['target'], batch['centres'])
+
+LOSSES = {'lcr': _lcr_loss, 'dve': _dve_loss}     # a variant's `loss`: f(projector, batch, profile) -> scalar
+
+def refine_loss(projector: nn.Module, batch: dict, profile: Profile | str) -> torch.Tensor:
+    "The stage-2 loss of a `stage2_batch` under the projector: its variant's entry of LOSSES."
+    return LOSSES[VARIANTS[batch['mode']].loss](projector, batch, load_profile(profile))
+
+# %% ../nbs/10_refine.ipynb #dffb0574
+def register_variant(v: Variant, replace: bool = False) -> Variant:
+    "Add a stage-2 variant: `refine --mode`, the pipeline's stages and the evaluation's rows then include it."
+    if v.loss not in LOSSES: raise ValueError(f"register_variant: loss {v.loss!r} is not one of LOSSES ({', '.join(LOSSES)})")
+    if v.tokens not in (*TOKEN_SETS, 'views'):
+        raise ValueError(f"register_variant: tokens {v.tokens!r} is not one of {', '.join((*TOKEN_SETS, 'views'))}")
+    if v.name in VARIANTS and not replace: raise ValueError(f"register_variant: {v.name!r} is registered already (replace=True replaces it)")
+    VARIANTS[v.name] = v
+    return v
 
 # %% ../nbs/10_refine.ipynb #bdc47528
 def make_refine_optimizer(projector: nn.Module, profile: Profile | str) -> torch.optim.AdamW:
@@ -213,12 +249,12 @@ def training_batches(mae: MAE, frames: torch.Tensor, seed: int, epoch: int, step
     p, B, modes = profile, len(frames), [_check_mode(m) for m in modes]
     d = step_draws(seed, epoch, step, B, p)
     imgs = augment(frames, d['off'], d['fac'], p.img_size)
-    out, lcr = {}, [m for m in modes if m in LCR_MODES]
+    out, lcr = {}, [m for m in modes if m in token_mode_names()]
     if lcr:
         off_b = view_offsets(seed, epoch, step, B, p)
         out = lcr_batches(mae, imgs, p, lcr, imgs_b=augment(frames, off_b, d['fac'], p.img_size), shift=off_b - d['off'])
     for m in modes:
-        if VARIANTS[m].loss == 'dve': out[m] = stage2_batch(mae, imgs, p, m, pair_seed=_pair_seed(seed, epoch, step))
+        if VARIANTS[m].tokens == 'views': out[m] = stage2_batch(mae, imgs, p, m, pair_seed=_pair_seed(seed, epoch, step))
     return out
 
 # %% ../nbs/10_refine.ipynb #f5e5484c
@@ -248,9 +284,9 @@ def _save_refined(job: dict, mode: str, meta: dict, epochs: int) -> Path:
     out, backbone = job['out'], Path(meta['backbone'])
     sd = {k: v.detach().cpu() for k, v in job['projector'].state_dict().items()}
     save_checkpoint(dict(projector=sd, mode=mode, epoch=epochs, step=job['step'],
-                         backbone_rel=os.path.relpath(backbone, out.resolve()), **meta), out / 'refined.pt')
+                         backbone_rel=os.path.relpath(backbone, out.resolve()), **meta), out / REFINED)
     (out / 'log.json').write_text(json.dumps(job['log']))
-    return out / 'refined.pt'
+    return out / REFINED
 
 # %% ../nbs/10_refine.ipynb #b6d701b1
 # The stage-2 loop in one function: backbone, projectors, resume, epochs, checkpoints, each a named step of this chapter.
@@ -273,8 +309,8 @@ def refine_modes(profile: Profile | str, backbone, outs: dict, dataset: str | No
     mae = load_mae(backbone)
     check_backbone(mae, p, source=str(backbone))
     meta = dict(profile=p.to_dict(), seed=seed, backbone=str(backbone), backbone_sha256=file_sha256(backbone))
-    done = {m: o / 'refined.pt' for m, o in outs.items() if resume and finished_run(
-        o / 'refined.pt', progress, profile=meta['profile'], seed=seed, mode=m, backbone_sha256=meta['backbone_sha256'])}
+    done = {m: o / REFINED for m, o in outs.items() if resume and finished_run(
+        o / REFINED, progress, profile=meta['profile'], seed=seed, mode=m, backbone_sha256=meta['backbone_sha256'])}
     todo = {m: o for m, o in outs.items() if m not in done}
     if not todo: return done
     for o in todo.values(): writable_dir(o)
@@ -357,13 +393,13 @@ def main(argv=None):
     add_run_args(ap, resumable=True)
     ap.add_argument('--backbone', required=True, help='the pretrained MAE checkpoint (mae.pt of sce-mae-pretrain)')
     ap.add_argument('--out', required=True, help='run folder: checkpoint.pt, refined.pt, log.json')
-    ap.add_argument('--mode', default='sce', choices=MODES, help='; '.join(f"{k}: {v.title}" for k, v in VARIANTS.items()))
+    ap.add_argument('--mode', default='sce', choices=mode_names(), help='; '.join(f"{k}: {v.title}" for k, v in VARIANTS.items()))
     a = parse_run_args(ap, argv)
     print(refine(a.profile, a.backbone, a.out, dataset=a.dataset, root=a.root, mode=a.mode, resume=a.resume,
                  device=a.device, seed=a.seed, stop_after=a.stop_after))
 
 # %% ../nbs/10_refine.ipynb #fdcf0ec6
-def bench_refine(profile: Profile | str, steps: int = 5, batch: int | None = None, device=None, modes=MODES,
+def bench_refine(profile: Profile | str, steps: int = 5, batch: int | None = None, device=None, modes=None,
                  seed: int = 0, verbose: bool = True) -> dict:
     "Seconds per refinement step (stage-2 inputs, projector step) and images/s of each mode on random frames."
     p = load_profile(profile); dev = get_device(device); B = batch or p.ref_batch
@@ -373,7 +409,7 @@ def bench_refine(profile: Profile | str, steps: int = 5, batch: int | None = Non
     mae = MAE(p).to(dev).eval().requires_grad_(False)
     ctx = bench_context(dev)
     res = dict(profile=p.name, batch=B, steps=steps, **ctx)
-    for mode in modes:
+    for mode in (mode_names() if modes is None else modes):
         proj = Projector(p.embed_dim, p.proj_dim).to(dev); opt = make_refine_optimizer(proj, p)
         t_in = t_step = 0.0
         for s in range(steps + 1):                                   # step 0 warms up

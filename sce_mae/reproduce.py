@@ -13,15 +13,16 @@ import torch
 from .config import (Profile, ProfileError, load_profile, get_device, load_checkpoint, add_run_args, parse_run_args,
                             cli, writable_dir, check_device, CheckpointError, set_threads, weights_sha256, write_atomic)
 from .mae import load_mae
-from .pretrain import pretrain, load_frames, backbones_dir, shipped_backbone, install_backbone
-from .refine import refine_modes, LCR_MODES, VARIANTS, file_sha256, check_backbone
+from .pretrain import pretrain, backbones_dir, shipped_backbone, install_backbone
+from .training import load_frames
+from .refine import refine_modes, token_mode_names, VARIANTS, REFINED, file_sha256, check_backbone
 from .evaluate import evaluate_run, _eval_data
 from .synth import _cpu_name
 import matplotlib.pyplot as plt
 from matplotlib.patches import Rectangle
 
 # %% auto #0
-__all__ = ['STAGES', 'REPORT', 'RUN_FILES', 'WIDE_MARGIN', 'Stage', 'stage_state', 'run_status', 'show_pipeline',
+__all__ = ['REPORT', 'RUN_FILES', 'WIDE_MARGIN', 'Stage', 'stages', 'stage_state', 'run_status', 'show_pipeline',
            'RunMismatchError', 'profile_diff', 'stored_profile', 'discard_run', 'check_run', 'environment',
            'read_runlog', 'write_runlog', 'stage_totals', 'paper_point', 'show_training', 'write_report', 'preflight',
            'run_profile_for', 'default_run', 'shared_refines', 'reproduce', 'usable_cores', 'recorded_threads',
@@ -38,11 +39,12 @@ class Stage:
     mode: str | None = None          # the refine mode, for the refine stages
 
 # %% ../nbs/15_reproduce.ipynb #2b331124
-STAGES = (
-    Stage('pretrain', 'pretrain', 'mae.pt', 'stage 1: MAE pretraining'),
-    *(Stage(v.folder, v.folder, 'refined.pt', v.title, k) for k, v in VARIANTS.items()),   # one per stage-2 variant
-    Stage('evaluate', 'eval', 'results.json', 'evaluation: matching, detection, feature quality, every baseline'),
-)
+def stages() -> tuple:
+    "The pipeline's stages in order: pretraining, one per stage-2 variant registered now, the evaluation."
+    return (Stage('pretrain', 'pretrain', 'mae.pt', 'stage 1: MAE pretraining'),
+            *(Stage(v.folder, v.folder, REFINED, v.title, k) for k, v in VARIANTS.items()),
+            Stage('evaluate', 'eval', 'results.json', 'evaluation: matching, detection, feature quality, every baseline'))
+
 REPORT = 'report'
 RUN_FILES = ('profile.json', 'run.json')
 
@@ -56,7 +58,7 @@ def stage_state(run, stage: Stage) -> str:
 # %% ../nbs/15_reproduce.ipynb #112631c2
 def run_status(run) -> dict:
     "{stage name: state} of every stage of the run folder `run`."
-    return {s.name: stage_state(run, s) for s in STAGES}
+    return {s.name: stage_state(run, s) for s in stages()}
 
 # %% ../nbs/15_reproduce.ipynb #f6bef424
 _STATE_COLOURS = {'done': '#8fd18f', 'partial': '#f5d76e', 'todo': '#dddddd', None: '#cfe0f5'}
@@ -109,7 +111,7 @@ def stored_profile(run) -> tuple[str, dict] | None:
     run = Path(run)
     f = run / 'profile.json'
     if f.is_file(): return str(f), json.loads(f.read_text())
-    for s in STAGES[:-1]:
+    for s in stages()[:-1]:
         for name in (s.artefact, 'checkpoint.pt'):
             g = run / s.folder / name
             if g.is_file():
@@ -121,7 +123,7 @@ def stored_profile(run) -> tuple[str, dict] | None:
 def discard_run(run) -> list[str]:
     "Delete the run's stage folders, report and run files (nothing else in the folder); -> what was removed."
     run, gone = Path(run), []
-    for name in [s.folder for s in STAGES] + [REPORT]:
+    for name in [s.folder for s in stages()] + [REPORT]:
         if (run / name).is_dir(): shutil.rmtree(run / name); gone.append(name + '/')
     for name in RUN_FILES:
         if (run / name).is_file(): (run / name).unlink(); gone.append(name)
@@ -245,7 +247,7 @@ def paper_point(results: dict, matcher: str = 'paper') -> list[dict]:
 def show_training(run, title: str | None = None):
     "Loss per step of pretraining and of each refinement in run folder `run` (what exists of them)."
     run = Path(run)
-    logs = [(s, run / s.folder / 'log.json') for s in STAGES[:-1]]
+    logs = [(s, run / s.folder / 'log.json') for s in stages()[:-1]]
     logs = [(s, json.loads(f.read_text())) for s, f in logs if f.is_file()]
     fig, axs = plt.subplots(1, max(1, len(logs)), figsize=(2.9 * max(1, len(logs)), 2.6), squeeze=False)
     for ax, (s, lg) in zip(axs[0], logs):
@@ -373,7 +375,7 @@ def _report_md(run, prof, env, log, totals, results, results_md, eval_figs) -> s
           'stage. On a shared machine the CPU seconds are the better measure: a quiet machine with n cores needs about '
           'CPU s / (0.85 n) of wall-clock time.', '',
           '| stage | what | latest action | wall | CPU | finished |', '|---|---|---|---|---|---|']
-    titles = {s.name: s.title for s in STAGES}
+    titles = {s.name: s.title for s in stages()}
     titles['data'] = 'render or load the training images'
     for k, t in totals.items():
         L.append(f"| {k} | {titles.get(k, '')} | {t['last']} | {_hms(t['wall_s'] if t['runs'] else None)} | "
@@ -406,7 +408,7 @@ def preflight(run, p: Profile, root=None) -> None:
     """Before the first step: every stage file already in the run loads (a damaged one is named, with what to do), a
     shipped backbone the profile names is intact and fits the profile, and the evaluation data opens
     (annotations parsed, images listed), so a broken --root fails now, not after hours of training."""
-    for s in STAGES[:-1]:
+    for s in stages()[:-1]:
         d = Path(run) / s.folder
         f = d / s.artefact if (d / s.artefact).is_file() else d / 'checkpoint.pt'
         if f.is_file():
@@ -414,10 +416,10 @@ def preflight(run, p: Profile, root=None) -> None:
             except CheckpointError as e:
                 raise CheckpointError(f"{e}; delete it and rerun: the {s.name} stage is recomputed from its last checkpoint "
                                       f"(or from the start), and the other stages are kept") from None
-    if p.backbone != 'scratch' and stage_state(run, STAGES[0]) != 'done':
+    if p.backbone != 'scratch' and stage_state(run, stages()[0]) != 'done':
         f = shipped_backbone(p.backbone)
         check_backbone(load_mae(f), p, f"shipped backbone {p.backbone!r} ({f})")
-    if stage_state(run, STAGES[-1]) != 'done': _eval_data(p, p.eval_dataset, root, p.seed)
+    if stage_state(run, stages()[-1]) != 'done': _eval_data(p, p.eval_dataset, root, p.seed)
 
 # %% ../nbs/15_reproduce.ipynb #4c2ae8c2
 def _banner(i, n, stage_name, msg, say):
@@ -426,7 +428,7 @@ def _banner(i, n, stage_name, msg, say):
 def _sha_inputs(run) -> dict:
     "Fingerprints of the weights the evaluation reads (when they change, its results are stale)."
     run = Path(run)
-    fs = [run / 'pretrain' / 'mae.pt'] + [run / s.folder / s.artefact for s in STAGES if s.mode]
+    fs = [run / 'pretrain' / 'mae.pt'] + [run / s.folder / s.artefact for s in stages() if s.mode]
     return {str(f.relative_to(run)): weights_sha256(f) for f in fs if f.is_file()}
 
 # %% ../nbs/15_reproduce.ipynb #7ea58305
@@ -450,9 +452,9 @@ def default_run(p: Profile, backbone: str | None = None) -> Path:
 
 def shared_refines(run, stage: Stage) -> list[Stage]:
     "The later refine stages that can train in `stage`'s loop: LCR modes (they share the encoder's passes), none started yet."
-    if stage.mode not in LCR_MODES or stage_state(run, stage) != 'todo': return []
-    later = STAGES[STAGES.index(stage) + 1:]
-    return [g for g in later if g.mode in LCR_MODES and g.mode != stage.mode and stage_state(run, g) == 'todo']
+    if stage.mode not in token_mode_names() or stage_state(run, stage) != 'todo': return []
+    later = stages()[stages().index(stage) + 1:]
+    return [g for g in later if g.mode in token_mode_names() and g.mode != stage.mode and stage_state(run, g) == 'todo']
 
 # %% ../nbs/15_reproduce.ipynb #a337632c
 # The pipeline's order in one function, over the named steps above (preflight, stages, report).
@@ -481,7 +483,7 @@ def reproduce(profile: Profile | str | None = 'demo', out=None, dataset: str | N
                threads=torch.get_num_threads(), load_start=_load(), load_end=None, environment=env, stages={})
     log['invocations'].append(inv)
     write_runlog(run, log)
-    n, t_start = len(STAGES) + 1, time.perf_counter()
+    n, t_start = len(stages()) + 1, time.perf_counter()
     say(f"sce-mae-reproduce: profile {p.name!r} (data {p.dataset}, seed {p.seed}) -> {run}  "
         f"[{env['machine']['device']}, {inv['threads']} threads, load average {inv['load_start']}]")
     frames, shared = None, {}   # refine stages trained in another stage's loop: name -> that stage
@@ -497,7 +499,7 @@ def reproduce(profile: Profile | str | None = 'demo', out=None, dataset: str | N
         return res
 
     try:
-        for i, s in enumerate(STAGES, 1):
+        for i, s in enumerate(stages(), 1):
             d = run / s.folder
             if s.name in shared:
                 _banner(i, n, s.name, f"{s.title}: trained in the loop of {shared[s.name]} -> {d}", say)

@@ -33,13 +33,13 @@ def border(size: int) -> int:
     "Border between the full frame and the crop at `size` (20 for 96)."
     return (frame_size(size) - size) // 2
 
-def nominal_to_output(pts, size: int = 96, full: bool = False) -> np.ndarray:
+def nominal_to_output(pts, size: int = CROP, full: bool = False) -> np.ndarray:
     "Points (..., 2) of the nominal 136 frame -> pixels of the output image of `size` (crop, or full frame)."
     pts = np.asarray(pts, dtype=np.float64)
     return (pts - (0 if full else BORDER) + 0.5) * (size / CROP) - 0.5
 
 # %% ../nbs/01_synthfaces.ipynb #5d1af319
-def output_to_nominal(pts, size: int = 96, full: bool = False) -> np.ndarray:
+def output_to_nominal(pts, size: int = CROP, full: bool = False) -> np.ndarray:
     "Inverse of `nominal_to_output`."
     pts = np.asarray(pts, dtype=np.float64)
     return (pts + 0.5) * (CROP / size) - 0.5 + (0 if full else BORDER)
@@ -168,7 +168,7 @@ def canon_to_nominal(u, v, p: FaceParams):
     return body_to_nominal(yaw_forward(u, p), v, p)
 
 # %% ../nbs/01_synthfaces.ipynb #4d29b326
-def pixel_to_canon(pts, p: FaceParams, size: int = 96, full: bool = False) -> np.ndarray:
+def pixel_to_canon(pts, p: FaceParams, size: int = CROP, full: bool = False) -> np.ndarray:
     "Pixels (..., 2) of the output image -> canonical (u, v): the map the renderer applies to every pixel."
     x, y = np.moveaxis(output_to_nominal(pts, size, full), -1, 0)
     a, s = _rad(p.rot), p.scale
@@ -235,7 +235,7 @@ def canon_landmarks(p: FaceParams) -> np.ndarray:
     return np.array([pts[n] for n in ALL_LANDMARK_NAMES], dtype=np.float64)
 
 # %% ../nbs/01_synthfaces.ipynb #4f997045
-def landmarks(p: FaceParams, size: int = 96, full: bool = False) -> np.ndarray:
+def landmarks(p: FaceParams, size: int = CROP, full: bool = False) -> np.ndarray:
     "All landmarks (18, 2) in (x, y) pixels of the output image of `size` (the crop, or the full frame)."
     # canon_to_nominal then nominal_to_output, in plain Python floats: 18 points are too few for NumPy to pay off
     R, th = _cyl_r(p), _rad(p.yaw)
@@ -709,7 +709,7 @@ def _finish(cv: _Canvas) -> np.ndarray:
 _LAYERS = (_draw_background, _draw_body, _draw_head_back, _draw_face, _draw_hair_front,
            _draw_brows, _draw_eyes, _draw_nose, _draw_mouth, _draw_glasses)
 
-def render(p: FaceParams, size: int = 96, full: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def render(p: FaceParams, size: int = CROP, full: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     "Draw face `p`: the image (3, S, S) float32 in [0, 1] (S = size, or size*136/96 with `full`) and its 18 landmarks (18, 2)."
     if not isinstance(p, FaceParams): raise TypeError(f"render needs a FaceParams, got {type(p).__name__}")
     if not (isinstance(size, (int, np.integer)) and size >= 8): raise ValueError(f"size must be an int >= 8, got {size!r}")
@@ -909,7 +909,7 @@ class SynthFaces(Dataset):
     landmark_names = LANDMARK_NAMES
     all_landmark_names = ALL_LANDMARK_NAMES
 
-    def __init__(self, n: int, split: str = 'train', seed: int = 0, size: int = 96, full: bool = False,
+    def __init__(self, n: int, split: str = 'train', seed: int = 0, size: int = CROP, full: bool = False,
                  per_identity: int = 1, fixed: dict | None = None):
         if not isinstance(n, (int, np.integer)) or n < 0: raise ValueError(f"SynthFaces: n must be an int >= 0, got {n!r}")
         if split not in SPLITS: raise ValueError(f"SynthFaces: split must be one of {SPLITS}, got {split!r}")
@@ -955,7 +955,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 # %% ../nbs/01_synthfaces.ipynb #f252088f
-def bench_synth(n: int = 300, size: int = 96, full: bool = False, repeats: int = 3, seed: int = 0) -> dict:
+def bench_synth(n: int = 300, size: int = CROP, full: bool = False, repeats: int = 3, seed: int = 0) -> dict:
     "Time `SynthFaces(n)[i]` for all i on one thread, best of `repeats`; prints and returns images/s (wall clock and CPU time)."
     old = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from scipy.io import loadmat
 
-from sce_mae.datasets import (CROP, DATASETS, MTFL_ATTRS, MTFL_BOX, W300_DOTS, AFLW_M, AFLW_R, MAFL, MTFL, W300,
+from sce_mae.datasets import (CROP, dataset_names, MTFL_ATTRS, MTFL_BOX, W300_DOTS, AFLW_M, AFLW_R, MAFL, MTFL, W300,
                               CachedFaces, CelebA, DataError, REGISTRY, _face_geometry, crop_resize,
                               dataset_root, dot_centres, dve_300w_box, find_cache, fit_landmark_box, frame_geometry,
                               get_dataset, input_box, make_fixture, map_points, prepare_cache, read_mtfl, read_pts,
@@ -296,7 +296,7 @@ def test_bad_requests(fx):
     with pytest.raises(ValueError, match="unknown dataset 'imagenet'"): get_dataset('imagenet')
     with pytest.raises(ValueError, match='needs n'): get_dataset('synth', cache=False)
     with pytest.raises(ValueError, match='no fixture'): make_fixture('synth', '/tmp')
-    assert set(DATASETS) == {'synth', 'celeba', 'mafl', 'mtfl', 'aflw_m', 'aflw_r', '300w'}
+    assert set(dataset_names()) == {'synth', 'celeba', 'mafl', 'mtfl', 'aflw_m', 'aflw_r', '300w'}
 
 
 # ---------------------------------------------------------------- get_dataset and the cache

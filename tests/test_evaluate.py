@@ -12,7 +12,7 @@ from sce_mae.dense import DenseFeatures
 from sce_mae.refine import load_refined
 from sce_mae.datasets import get_dataset
 from sce_mae.matching import matching_views, matching_eval, same_location_baseline, MATCHERS
-from sce_mae.evaluate import (ROWS, FEATURE_ROWS, PAPER_MATCHING, PAPER_DETECTION, PAPER_ABLATION, PAPER_LIMITED,
+from sce_mae.evaluate import (eval_rows, feature_rows, PAPER_MATCHING, PAPER_DETECTION, PAPER_ABLATION, PAPER_LIMITED,
                               evaluate_run, find_run, head, TokenMemo, limited_draws, limited_epochs, silhouette,
                               landmark_descriptors, threads_limit, results_markdown, main)
 
@@ -52,14 +52,14 @@ def test_cli_writes_every_table_and_figure(run, cli_result, p):
     out = run / 'eval'
     assert r.stdout.strip().splitlines()[-1] == str(out / 'results.json')
     assert (res['profile'], res['seed'], res['dataset'], res['stride']) == ('smoke', 0, p.eval_dataset, p.eval_stride)
-    assert set(res['matching']['rows']) == {'same_location', *FEATURE_ROWS}
-    assert set(res['detection']['rows']) == {'mean_shape', *FEATURE_ROWS}
-    assert set(res['feature_quality']['rows']) == set(FEATURE_ROWS) and set(res['limited']['rows']) == {'sce', 'mae'}
-    for k in ('same_location', *FEATURE_ROWS):
+    assert set(res['matching']['rows']) == {'same_location', *feature_rows()}
+    assert set(res['detection']['rows']) == {'mean_shape', *feature_rows()}
+    assert set(res['feature_quality']['rows']) == set(feature_rows()) and set(res['limited']['rows']) == {'sce', 'mae'}
+    for k in ('same_location', *feature_rows()):
         for m in MATCHERS:
             e = res['matching']['rows'][k][m]
             assert isinstance(e['same'], float) and len(e['different_per_landmark']) == 5
-    for k in FEATURE_ROWS:
+    for k in feature_rows():
         d = res['detection']['rows'][k]
         assert 0 < d['error'] < 200 and d['n_train'] == p.det_train
         assert d['dim'] == (p.embed_dim if k == 'mae' else p.embed_dim + p.proj_dim)
@@ -67,11 +67,11 @@ def test_cli_writes_every_table_and_figure(run, cli_result, p):
         assert res['feature_quality']['rows'][k]['position_r2'] <= 1.0
         assert len(res['feature_quality']['rows'][k]['tsne']) == 5 * min(p.tsne_images, res['detection']['n_test'])
     assert set(res['timings']) >= {'views', 'matching', 'detection', 'limited', 'feature_quality', 'total'}
-    figs = {'tsne.png', 'limited.png', 'detection_sce.png', *[f'matching_{k}.png' for k in FEATURE_ROWS]}
+    figs = {'tsne.png', 'limited.png', 'detection_sce.png', *[f'matching_{k}.png' for k in feature_rows()]}
     assert set(res['figures']) == figs and all((out / f).stat().st_size > 5000 for f in figs)
     md = (out / 'results.md').read_text()
     assert md in r.stdout                                                   # the CLI prints the report
-    for k in ('same_location', *FEATURE_ROWS): assert ROWS[k]['label'] in md
+    for k in ('same_location', *feature_rows()): assert eval_rows()[k]['label'] in md
 
 
 def _sections(md: str) -> dict:
@@ -93,7 +93,7 @@ def test_paper_numbers_only_in_labelled_tables(cli_result):
     ours = json.dumps({k: res[k] for k in ('matching', 'detection', 'limited', 'feature_quality')})
     assert 'SCE-MAE DeiT' not in ours and 'ContrastLandmark' not in ours     # no paper row inside our results
     secs = _sections(results_markdown(res))
-    our_labels = {v['label'] for v in ROWS.values()} | {'mean training shape (no features)'}
+    our_labels = {v['label'] for v in eval_rows().values()} | {'mean training shape (no features)'}
     paper_labels = {r['method'] for r in PAPER_MATCHING} | {r['variant'] for r in PAPER_ABLATION} | {'error %'}
     n_ours = n_paper = 0
     for h, cells in secs.items():
@@ -190,7 +190,7 @@ def test_silhouette_of_constructed_descriptors():
     # maps that hold a landmark's identity at its position give separated descriptors
     from sce_mae.matching import bump_features
     lms = torch.tensor([[20., 30], [70, 30], [48, 50], [30, 75], [66, 75]]) + torch.randn(6, 5, 2, generator=g)
-    desc, labels = landmark_descriptors(bump_features(lms, 96, 4, sigma=6), lms)
+    desc, labels = landmark_descriptors(bump_features(lms, 96, 4, sigma=6), lms, 96)
     assert torch.equal(desc.argmax(1), labels) and silhouette(desc, labels) > 0.9
 
 

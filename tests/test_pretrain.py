@@ -6,8 +6,8 @@ import torch
 from sce_mae.config import load_profile, load_checkpoint, seed_everything
 from conftest import write_settings
 from sce_mae.mae import MAE, load_mae
-from sce_mae.pretrain import (warmup_cosine, pretrain_lr, param_groups, make_optimizer, pretrain, load_frames, step_draws,
-                              epoch_order, augment, bench_pretrain, official_step)
+from sce_mae.pretrain import pretrain_lr, make_optimizer, pretrain, bench_pretrain, official_step
+from sce_mae.training import warmup_cosine, param_groups, load_frames, step_draws, epoch_order, augment
 
 # a profile small enough for subprocess tests: smoke's keys with a 2-block, 32-wide ViT on 16 faces
 TINY = dict(n_train=16, embed_dim=32, depth=2, num_heads=2, dec_embed_dim=16, dec_depth=1, dec_num_heads=2,

@@ -4,10 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 from sce_mae.config import load_profile, load_checkpoint, seed_everything
-from sce_mae.pretrain import pretrain, load_frames, augment, step_draws
+from sce_mae.pretrain import pretrain
+from sce_mae.training import load_frames, augment, step_draws
 from sce_mae.carb import Projector
 from sce_mae.mae import cell_centres
-from sce_mae.refine import (MODES, stage2_batch, refine_step, make_refine_optimizer, refine, load_refined, dve_loss,
+from sce_mae.refine import (mode_names, stage2_batch, refine_step, make_refine_optimizer, refine, load_refined, dve_loss,
                             file_sha256, main)
 
 
@@ -52,7 +53,7 @@ def test_cli_smoke_run(p, backbone, frames, tmp_path, capsys):
     assert e.value.code == 2 and 'pass resume=True (--resume)' in capsys.readouterr().err
 
 
-@pytest.mark.parametrize('mode', MODES)
+@pytest.mark.parametrize('mode', mode_names())
 def test_each_mode_learns_on_a_fixed_batch(p, backbone, frames, mode):
     from sce_mae.mae import load_mae
     mae = load_mae(backbone).requires_grad_(False)
@@ -65,7 +66,7 @@ def test_each_mode_learns_on_a_fixed_batch(p, backbone, frames, mode):
     assert losses[-1] < losses[0] and all(torch.isfinite(torch.tensor(losses)))
 
 
-@pytest.mark.parametrize('mode', MODES)
+@pytest.mark.parametrize('mode', mode_names())
 def test_resume_equals_uninterrupted(p, backbone, frames, tmp_path, mode):
     tiny = p.replace(n_train=16, ref_batch=8, ref_epochs=2, ref_warmup_epochs=1)
     fr = frames[:16]
@@ -122,7 +123,7 @@ def test_dve_loss_by_hand():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
-@pytest.mark.parametrize('mode', MODES)
+@pytest.mark.parametrize('mode', mode_names())
 def test_refine_on_cuda(p, backbone, frames, tmp_path, mode):
     f = refine(p.replace(n_train=32, ref_batch=16), backbone, tmp_path, mode=mode, frames=frames[:32], device='cuda', progress=False)
     log = json.loads((tmp_path / 'log.json').read_text())

@@ -6,11 +6,11 @@ import pytest
 import torch
 from sce_mae.config import load_profile, load_checkpoint
 from sce_mae.pretrain import pretrain
-from sce_mae.reproduce import STAGES, REPORT, run_status, check_run, main, paper_point
+from sce_mae.reproduce import stages, REPORT, run_status, check_run, main, paper_point
 
 REPO = Path(__file__).resolve().parent.parent
 EXE = shutil.which('sce-mae-reproduce') or str(Path(sys.executable).parent / 'sce-mae-reproduce')
-NAMES = [s.name for s in STAGES]
+NAMES = [s.name for s in stages()]
 
 
 def _cli(*args, timeout=1200):
@@ -27,7 +27,7 @@ def _banner(stdout: str, name: str) -> str:
 
 
 def _mtimes(run: Path) -> dict:
-    return {s.name: (run / s.folder / s.artefact).stat().st_mtime_ns for s in STAGES}
+    return {s.name: (run / s.folder / s.artefact).stat().st_mtime_ns for s in stages()}
 
 
 @pytest.fixture(scope='module')
