@@ -24,7 +24,7 @@ __all__ = ['MAFL_NAMES', 'DOT_COLOURS', 'W300_DOTS', 'MTFL_ATTRS', 'MTFL_BOX', '
            'prepare_cache', 'CachedFaces', 'show_grid', 'main']
 
 # %% ../nbs/02_datasets.ipynb #f9f04c0d
-from .synth import FRAME, BORDER, CROP    # the frame geometry of chapter 01: DVE's 136 frame, 20 border, 96 input
+from .facegen import FRAME, BORDER, CROP    # the frame geometry (appendix A1): DVE's 136 frame, 20 border, 96 input
 MAFL_NAMES = ('left eye', 'right eye', 'nose', 'left mouth corner', 'right mouth corner')
 
 class DataError(ValueError):
