@@ -6,9 +6,10 @@ import pytest
 import torch
 from PIL import Image
 from scipy.io import loadmat
+from sce_mae.loaders import _face_geometry
 
 from sce_mae.datasets import (CROP, dataset_names, MTFL_ATTRS, MTFL_BOX, W300_DOTS, AFLW_M, AFLW_R, MAFL, MTFL, W300,
-                              CachedFaces, CelebA, DataError, REGISTRY, _face_geometry, crop_resize,
+                              CachedFaces, CelebA, DataError, REGISTRY, crop_resize,
                               dataset_root, dot_centres, dve_300w_box, find_cache, fit_landmark_box, frame_geometry,
                               get_dataset, input_box, make_fixture, map_points, prepare_cache, read_mtfl, read_pts,
                               show_grid)
