@@ -14,13 +14,13 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 import matplotlib.pyplot as plt
 from .config import Profile, load_profile, save_checkpoint, load_checkpoint, threads_limit
-from .mae import grid_centres
+from .mae import grid_centres, unit_centres, to_unit, from_unit
 from .matching import bump_features, random_conv_features
 
 # %% auto #0
-__all__ = ['EYES', 'F32_ONCE_BYTES', 'eye_indices', 'interocular_errors', 'interocular_error', 'to_unit', 'from_unit',
-           'Regressor', 'extract_features', 'regression_loss', 'train_regressor', 'predict', 'draw_subset',
-           'evaluate_regressor', 'detection_eval', 'show_detections']
+__all__ = ['EYES', 'F32_ONCE_BYTES', 'eye_indices', 'interocular_errors', 'interocular_error', 'Regressor', 'extract_features',
+           'regression_loss', 'train_regressor', 'predict', 'draw_subset', 'evaluate_regressor', 'detection_eval',
+           'show_detections']
 
 # %% ../nbs/13_detection.ipynb #5347cb2d
 EYES = {5: (0, 1), 68: (36, 45)}
@@ -55,15 +55,6 @@ def interocular_error(pred, gt, eyes=None) -> float:
     "100 * mean ||pred - gt|| / ||gt_a - gt_b|| (per image, then averaged over images), as a float."
     return float(interocular_errors(pred, gt, eyes).mean())
 
-# %% ../nbs/13_detection.ipynb #83332ba7
-def to_unit(pts: torch.Tensor, size: int) -> torch.Tensor:
-    "Pixel coordinates (0-based centres) of an image of side `size` to [-1, 1] (image edges at +-1)."
-    return (pts + 0.5) * (2 / size) - 1
-
-def from_unit(u: torch.Tensor, size: int) -> torch.Tensor:
-    "Inverse of `to_unit`."
-    return (u + 1) * (size / 2) - 0.5
-
 # %% ../nbs/13_detection.ipynb #f06b37b3
 class Regressor(nn.Module):
     "DVE's intermediate-keypoint regressor: (B, in_ch, h, w) frozen features -> (B, n_lms, 2) in [-1, 1]."
@@ -88,8 +79,7 @@ class Regressor(nn.Module):
         x = self.block(feats)
         x = x.transpose(0, 1).reshape(x.shape[1], B * h * w)                             # (C', B*h*w): every cell of the batch
         logits = (self.conv.weight.flatten(1) * self.softmax_mul) @ x                     # the 1x1 conv as one matmul: (L*K, B*h*w)
-        xs = (torch.arange(w, device=feats.device, dtype=x.dtype) + 0.5) * (2 / w) - 1   # cell centres in [-1, 1]
-        ys = (torch.arange(h, device=feats.device, dtype=x.dtype) + 0.5) * (2 / h) - 1
+        xs, ys = unit_centres(w, feats.device, x.dtype), unit_centres(h, feats.device, x.dtype)   # cell centres in [-1, 1]
         cells = torch.stack([xs.repeat(h), ys.repeat_interleave(w)], -1)                  # (h*w, 2), row-major
         pts = logits.view(-1, B, h * w).softmax(-1) @ cells                               # expected positions (L*K, B, 2)
         return pts.transpose(0, 1).reshape(B, self.n_lms, self.n_kp, 2)

@@ -20,7 +20,7 @@ from .config import (Profile, load_profile, get_device, seed_everything, load_ch
                             parse_run_args, cli, writable_dir, CheckpointError, bench_context, threads_limit,
                             set_threads)
 from .datasets import get_dataset
-from .mae import MAE, load_mae, encoder_param_count
+from .mae import MAE, load_mae, encoder_param_count, to_unit
 from .refine import load_refined, check_backbone, file_sha256, VARIANTS, mode_names
 from .dense import DenseFeatures, encoder_gflop
 from .matching import (FRAME, MATCHERS, matching_views, matching_eval, same_location_baseline, show_matches)
@@ -183,7 +183,7 @@ def landmark_descriptors(maps: torch.Tensor, lms: torch.Tensor, size: int) -> tu
     "Descriptors (B*P, C) sampled bilinearly from maps (B, C, h, w) at landmarks (B, P, 2) of `size` px images, and labels (B*P,)."
     if maps.ndim != 4 or lms.ndim != 3 or len(maps) != len(lms):
         raise ValueError(f"landmark_descriptors: maps (B, C, h, w) and lms (B, P, 2) with the same B; got {tuple(maps.shape)}, {tuple(lms.shape)}")
-    grid = ((lms.float() + 0.5) * (2 / size) - 1)[:, :, None]                      # (B, P, 1, 2)
+    grid = to_unit(lms.float(), size)[:, :, None]                      # (B, P, 1, 2)
     d = F.grid_sample(maps.float(), grid, mode='bilinear', padding_mode='border', align_corners=False)[..., 0]
     B, P = lms.shape[:2]
     return F.normalize(d.transpose(1, 2).reshape(B * P, -1), dim=-1), torch.arange(P).repeat(B)

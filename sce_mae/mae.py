@@ -16,10 +16,11 @@ from timm.layers import LayerNorm
 from .config import Profile, load_profile, load_checkpoint, save_checkpoint
 
 # %% auto #0
-__all__ = ['MEAN', 'STD', 'patchify', 'unpatchify', 'show_patches', 'grid_positions', 'grid_centres', 'cell_centres',
-           'nearest_cell', 'sincos_pos_embed', 'random_masking', 'Encoded', 'MAE', 'mae_deit_tiny', 'mae_deit_small',
-           'mae_deit_base', 'reconstruct', 'show_reconstructions', 'encoder_param_count', 'show_attention',
-           'WeightLoadError', 'save_mae', 'load_vit_state_dict', 'load_mae', 'vit_gflop', 'mae_step_gflop']
+__all__ = ['MEAN', 'STD', 'patchify', 'unpatchify', 'show_patches', 'grid_positions', 'grid_centres', 'unit_centres', 'to_unit',
+           'from_unit', 'cell_centres', 'nearest_cell', 'sincos_pos_embed', 'random_masking', 'Encoded', 'MAE',
+           'mae_deit_tiny', 'mae_deit_small', 'mae_deit_base', 'reconstruct', 'show_reconstructions',
+           'encoder_param_count', 'show_attention', 'WeightLoadError', 'save_mae', 'load_vit_state_dict', 'load_mae',
+           'vit_gflop', 'mae_step_gflop']
 
 # %% ../nbs/04_mae.ipynb #bd33c577
 def patchify(imgs: torch.Tensor, patch: int) -> torch.Tensor:
@@ -68,6 +69,19 @@ def grid_positions(idx: torch.Tensor, grid: int) -> torch.Tensor:
 def grid_centres(n: int, size: int) -> torch.Tensor:
     "Pixel coordinates of the centres of the `n` cells of a map covering `size` pixels: (j + 0.5) size / n - 0.5."
     return (torch.arange(n, dtype=torch.float32) + 0.5) * (size / n) - 0.5
+
+def unit_centres(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    "The same centres in the [-1, 1] units of `grid_sample` (align_corners=False): (j + 0.5) 2 / n - 1."
+    return (torch.arange(n, device=device, dtype=dtype) + 0.5) * (2 / n) - 1
+
+# %% ../nbs/04_mae.ipynb #83332ba7
+def to_unit(pts: torch.Tensor, size: int) -> torch.Tensor:
+    "Pixel coordinates (0-based centres) of an image of side `size` to [-1, 1] (image edges at +-1)."
+    return (pts + 0.5) * (2 / size) - 1
+
+def from_unit(u: torch.Tensor, size: int) -> torch.Tensor:
+    "Inverse of `to_unit`."
+    return (u + 1) * (size / 2) - 0.5
 
 # %% ../nbs/04_mae.ipynb #33e6f938
 def cell_centres(grid: int, patch: int, device=None) -> torch.Tensor:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 import matplotlib.pyplot as plt
 from .config import Profile, load_profile, save_checkpoint, load_checkpoint
 from .tps import tps_pair
-from .mae import grid_centres, nearest_cell
+from .mae import grid_centres, nearest_cell, to_unit
 
 # %% auto #0
 __all__ = ['FRAME', 'MATCHERS', 'DOT_COLOURS', 'bump_features', 'match_points', 'match_errors', 'displacement_followed',
@@ -90,7 +90,7 @@ def _match_paper(fa, fb, pts, size):
 def _match_paper_reference(fa, fb, pts, size):
     "The paper matcher written literally (slow; the reference `_match_paper` is checked against)."
     ua = F.interpolate(fa, size=(size, size), mode='bilinear', align_corners=False)
-    grid = ((pts + 0.5) * (2 / size) - 1)[:, :, None]                             # (B, P, 1, 2)
+    grid = to_unit(pts, size)[:, :, None]                             # (B, P, 1, 2)
     q = F.grid_sample(ua, grid.to(ua.dtype), mode='bilinear', padding_mode='border', align_corners=False)[..., 0]
     ub = F.interpolate(fb, size=(size, size), mode='bilinear', align_corners=False).flatten(2)
     sim = torch.einsum('bcp,bcn->bpn', F.normalize(q, dim=1), F.normalize(ub, dim=1))

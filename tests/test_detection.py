@@ -6,7 +6,8 @@ import matplotlib
 matplotlib.use('Agg')
 from sce_mae.config import load_profile
 from sce_mae.matching import bump_features, DotFaces, random_conv_features
-from sce_mae.detection import (EYES, eye_indices, interocular_error, interocular_errors, to_unit, from_unit, Regressor,
+from sce_mae.mae import to_unit, from_unit
+from sce_mae.detection import (EYES, eye_indices, interocular_error, interocular_errors, Regressor,
                                extract_features, train_regressor, predict, draw_subset,
                                evaluate_regressor, detection_eval, show_detections)
 
