@@ -91,12 +91,13 @@ def find_run(run_dir) -> dict:
     "{row: checkpoint Path or None} of a run folder; a clear error when it has no stage-1 backbone."
     run = Path(run_dir)
     if not run.is_dir(): raise FileNotFoundError(f"run folder {run} does not exist")
-    mae = run / eval_rows()['mae']['checkpoint']
+    rows = eval_rows()
+    mae = run / rows['mae']['checkpoint']
     if not mae.is_file():
         raise FileNotFoundError(f"{run} has no stage-1 backbone {mae}: a run folder holds pretrain/mae.pt "
                                 f"(sce-mae-pretrain --out {run / 'pretrain'}) and optionally "
                                 f"{', '.join(v.folder + '/' for v in VARIANTS.values())} (sce-mae-refine --mode ...)")
-    return {k: (run / eval_rows()[k]['checkpoint'] if (run / eval_rows()[k]['checkpoint']).is_file() else None) for k in feature_rows()}
+    return {k: (run / rows[k]['checkpoint'] if (run / rows[k]['checkpoint']).is_file() else None) for k in feature_rows()}
 
 # %% ../nbs/14_evaluate.ipynb #b9d8aea1
 def run_profile(run_dir, profile: Profile | str | None = None) -> Profile:
@@ -411,12 +412,13 @@ def _load_rows(ckpts: dict, p: Profile, dev):
     mae = load_mae(ckpts['mae']).to(dev).eval()
     check_backbone(mae, p, source=str(ckpts['mae']))
     enc_m = encoder_param_count(mae) / 1e6
-    rows = {'same_location': dict(label=eval_rows()['same_location']['label'], checkpoint=None, available=True, note=None,
+    R = eval_rows()
+    rows = {'same_location': dict(label=R['same_location']['label'], checkpoint=None, available=True, note=None,
                                   descriptor='the reference position', dim=None, params_m=0.0)}
     proj = {}
     for k in feature_rows():
-        rel = eval_rows()[k]['checkpoint']
-        r = rows[k] = dict(label=eval_rows()[k]['label'], checkpoint=rel, available=ckpts[k] is not None, note=None)
+        rel = R[k]['checkpoint']
+        r = rows[k] = dict(label=R[k]['label'], checkpoint=rel, available=ckpts[k] is not None, note=None)
         if ckpts[k] is None:
             r.update(note=f'missing {rel}', descriptor=None, dim=None, params_m=None)
             print(f"note: {ckpts['mae'].parent.parent / rel} does not exist: the row '{r['label']}' is skipped")

@@ -100,9 +100,10 @@ def lcr_batches(mae: MAE, imgs: torch.Tensor, profile: Profile | str, modes=None
     """{mode: inputs} of the token `modes` (default all) for [0, 1] crops `imgs` (B, 3, S, S), one encoder pass serving them all. Given second
     crops `imgs_b` of the same faces and their offsets `shift` (B, 2) (y, x, px) from the first, all their tokens join every
     mode's batch (`sel_b`, `pos_b` in the first crop's patch grid, `is_att_b`)."""
-    p, modes, B = load_profile(profile), tuple(token_mode_names() if modes is None else modes), len(imgs)
-    if not modes or any(m not in token_mode_names() for m in modes):
-        raise ValueError(f"lcr_batches: modes {modes} must be some of {', '.join(token_mode_names())}")
+    p, B, known = load_profile(profile), len(imgs), token_mode_names()
+    modes = tuple(known if modes is None else modes)
+    if not modes or any(m not in known for m in modes):
+        raise ValueError(f"lcr_batches: modes {modes} must be some of {', '.join(known)}")
     if imgs_b is not None and (imgs_b.shape != imgs.shape or shift is None or tuple(shift.shape) != (B, 2)):
         raise ValueError(f"lcr_batches: imgs_b must be like imgs {tuple(imgs.shape)} and shift (B, 2) = ({B}, 2)")
     e = _encode(mae, imgs, p, split=any(VARIANTS[m].tokens == 'selected' for m in modes))
@@ -120,7 +121,7 @@ def stage2_batch(mae: MAE, imgs: torch.Tensor, profile: Profile | str, mode: str
     """Frozen-encoder inputs of the `mode` loss for [0, 1] crops `imgs` (B, 3, S, S): `lcr_batches` for the token modes
     (`imgs_b`, `shift`: the second crops), two TPS views drawn with `pair_seed` for the 'views' modes (DVE's loss)."""
     p, mode = load_profile(profile), _check_mode(mode)
-    if VARIANTS[mode].tokens != 'views': return lcr_batches(mae, imgs, p, (mode,), imgs_b, shift)[mode]
+    if mode in token_mode_names(): return lcr_batches(mae, imgs, p, (mode,), imgs_b, shift)[mode]
     if pair_seed is None: raise ValueError(f"stage2_batch: mode {mode!r} needs pair_seed (the seed of the TPS views)")
     B, dev = len(imgs), imgs.device
     pair = tps_pair(imgs, None, p, seed=int(pair_seed), padding_mode='border')
@@ -249,12 +250,13 @@ def training_batches(mae: MAE, frames: torch.Tensor, seed: int, epoch: int, step
     p, B, modes = profile, len(frames), [_check_mode(m) for m in modes]
     d = step_draws(seed, epoch, step, B, p)
     imgs = augment(frames, d['off'], d['fac'], p.img_size)
-    out, lcr = {}, [m for m in modes if m in token_mode_names()]
+    shared = token_mode_names()
+    out, lcr = {}, [m for m in modes if m in shared]
     if lcr:
         off_b = view_offsets(seed, epoch, step, B, p)
         out = lcr_batches(mae, imgs, p, lcr, imgs_b=augment(frames, off_b, d['fac'], p.img_size), shift=off_b - d['off'])
     for m in modes:
-        if VARIANTS[m].tokens == 'views': out[m] = stage2_batch(mae, imgs, p, m, pair_seed=_pair_seed(seed, epoch, step))
+        if m not in shared: out[m] = stage2_batch(mae, imgs, p, m, pair_seed=_pair_seed(seed, epoch, step))
     return out
 
 # %% ../nbs/10_refine.ipynb #f5e5484c

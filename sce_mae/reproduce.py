@@ -452,9 +452,10 @@ def default_run(p: Profile, backbone: str | None = None) -> Path:
 
 def shared_refines(run, stage: Stage) -> list[Stage]:
     "The later refine stages that can train in `stage`'s loop: LCR modes (they share the encoder's passes), none started yet."
-    if stage.mode not in token_mode_names() or stage_state(run, stage) != 'todo': return []
-    later = stages()[stages().index(stage) + 1:]
-    return [g for g in later if g.mode in token_mode_names() and g.mode != stage.mode and stage_state(run, g) == 'todo']
+    shared, all_stages = token_mode_names(), stages()
+    if stage.mode not in shared or stage_state(run, stage) != 'todo': return []
+    later = all_stages[all_stages.index(stage) + 1:]
+    return [g for g in later if g.mode in shared and g.mode != stage.mode and stage_state(run, g) == 'todo']
 
 # %% ../nbs/15_reproduce.ipynb #a337632c
 # The pipeline's order in one function, over the named steps above (preflight, stages, report).
