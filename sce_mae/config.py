@@ -12,10 +12,11 @@ import torch
 
 # %% auto #0
 __all__ = ['DEFAULT_PROFILE', 'USER_ERRORS', 'Profile', 'ProfileError', 'check_profile', 'settings_path', 'profile_names',
-           'load_profile', 'DeviceError', 'check_device', 'get_device', 'seed_everything', 'set_threads',
-           'threads_limit', 'add_run_args', 'parse_run_args', 'cli', 'data_root', 'cache_dir', 'write_atomic',
-           'save_checkpoint', 'CheckpointError', 'load_checkpoint', 'finished_run', 'file_sha256', 'weights_sha256',
-           'clean_leftovers', 'writable_dir', 'sync_device', 'matmul_peak', 'bench_context', 'bench_note']
+           'load_profile', 'need_profile', 'DeviceError', 'check_device', 'get_device', 'seed_everything',
+           'set_threads', 'threads_limit', 'add_run_args', 'parse_run_args', 'cli', 'data_root', 'cache_dir',
+           'write_atomic', 'save_checkpoint', 'CheckpointError', 'load_checkpoint', 'finished_run', 'file_sha256',
+           'weights_sha256', 'clean_leftovers', 'writable_dir', 'sync_device', 'matmul_peak', 'bench_context',
+           'bench_note']
 
 # %% ../nbs/00_config.ipynb #09ddaf18
 # Long by design: one typed field per key of settings.ini, the whole list in one place.
@@ -266,6 +267,12 @@ def load_profile(name: str | Profile | None = None, path=None, **overrides) -> P
     p = _build(name, values, where=f"{f} [{name}]")
     if overrides: p = _build(name, {**p.to_dict(), **overrides}, where=f"{f} [{name}] with overrides")
     return p
+
+# %% ../nbs/00_config.ipynb #9fd40aba
+def need_profile(p, where: str) -> Profile:
+    "`p` itself when it is a `Profile`; else a TypeError telling `where`'s caller to resolve the name first."
+    if isinstance(p, Profile): return p
+    raise TypeError(f"{where} takes a Profile, got {type(p).__name__} {p!r}: resolve a name once with load_profile({p!r})")
 
 # %% ../nbs/00_config.ipynb #dd551b81
 class DeviceError(ValueError):

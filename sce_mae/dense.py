@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .config import Profile, load_profile, get_device, load_checkpoint, bench_context, bench_note, sync_device
+from .config import Profile, load_profile, need_profile, get_device, load_checkpoint, bench_context, bench_note, sync_device
 from .mae import MAE, load_mae, vit_gflop
 from .carb import Projector
 from .refine import load_refined
@@ -176,9 +176,9 @@ def show_similarity(feat_fns: dict, imgs: torch.Tensor, lms: torch.Tensor, landm
     return fig
 
 # %% ../nbs/11_dense.ipynb #5f78a169
-def encoder_gflop(profile: Profile | str, images: int = 1, stride: int | None = None) -> float:
+def encoder_gflop(profile: Profile, images: int = 1, stride: int | None = None) -> float:
     "Forward GFLOP of the encoder for `images` images at cover-and-stride `stride` (patch/stride)^2 passes each."
-    p = load_profile(profile); s = p.eval_stride if stride is None else stride
+    p = need_profile(profile, 'encoder_gflop'); s = p.eval_stride if stride is None else stride
     per = vit_gflop(p.n_tokens + 1, p.embed_dim, p.depth, p.mlp_ratio) + 2 * p.n_tokens * 3 * p.patch_size ** 2 * p.embed_dim / 1e9
     return images * (p.patch_size // s) ** 2 * per
 

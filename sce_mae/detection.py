@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 import matplotlib.pyplot as plt
-from .config import Profile, load_profile, save_checkpoint, load_checkpoint, threads_limit
+from .config import Profile, load_profile, need_profile, save_checkpoint, load_checkpoint, threads_limit
 from .mae import grid_centres, unit_centres, to_unit, from_unit
 from .matching import bump_features, random_conv_features
 
@@ -123,13 +123,13 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor, alpha: float = 10.
 # %% ../nbs/13_detection.ipynb #cc5505d1
 F32_ONCE_BYTES = 2 ** 31   # train_regressor casts half-precision CPU features to float32 once when the copy fits in 2 GiB
 
-def train_regressor(feats: torch.Tensor, lms: torch.Tensor, profile: Profile | str | None = None, seed: int = 0,
+def train_regressor(feats: torch.Tensor, lms: torch.Tensor, profile: Profile, seed: int = 0,
                     size: int | None = None, epochs: int | None = None, batch: int | None = None,
                     lr: float | None = None, wd: float | None = None, conv_block: bool | None = None,
                     n_kp: int | None = None, device=None, progress: bool = True, callback=None) -> Regressor:
     """Train DVE's regressor on frozen `feats` (N,C,h,w) to predict `lms` (N,P,2) pixels of `size`-px images.
     `callback(epoch, reg)`, if given, runs after every epoch (a schedule study reads the regressor on the way)."""
-    profile = load_profile(profile)
+    profile = need_profile(profile, 'train_regressor')
     size = size or profile.img_size
     epochs = profile.det_epochs if epochs is None else epochs
     batch, lr = batch or profile.det_batch, profile.det_lr if lr is None else lr
@@ -172,12 +172,12 @@ def draw_subset(n_total: int, n: int, seed: int = 0) -> torch.Tensor:
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
 
 # %% ../nbs/13_detection.ipynb #31bd736a
-def evaluate_regressor(train: dict, test: dict, profile: Profile | str | None = None, n_train: int | None = None,
+def evaluate_regressor(train: dict, test: dict, profile: Profile, n_train: int | None = None,
                        seed: int = 0, size: int | None = None, return_model: bool = False,
                        progress: bool = True, train_threads: int | None = None, **train_kw) -> dict:
     """Detection protocol on cached features (`extract_features` dicts): draw, train, test; plain-number results.
     `train_threads`: threads of the training loop only (None: the caller's); predicting the test set is the heavy part."""
-    profile = load_profile(profile)
+    profile = need_profile(profile, 'evaluate_regressor')
     size = size or profile.img_size
     t0 = time.time()
     idx = draw_subset(len(train['feats']), profile.det_train if n_train is None else n_train, seed)
@@ -195,11 +195,11 @@ def evaluate_regressor(train: dict, test: dict, profile: Profile | str | None = 
     return out
 
 # %% ../nbs/13_detection.ipynb #574c53b3
-def detection_eval(feat_fn, train_ds, test_ds, profile: Profile | str | None = None, n_train: int | None = None,
+def detection_eval(feat_fn, train_ds, test_ds, profile: Profile, n_train: int | None = None,
                    seed: int = 0, batch: int = 64, cache=None, return_model: bool = False,
                    progress: bool = True, **train_kw) -> dict:
     "Detection protocol from a `feat_fn`: features of the drawn training images and the test set, then `evaluate_regressor`."
-    profile = load_profile(profile)
+    profile = need_profile(profile, 'detection_eval')
     t0 = time.time()
     idx = draw_subset(len(train_ds), profile.det_train if n_train is None else n_train, seed)
     sub = train_ds if len(idx) == len(train_ds) else Subset(train_ds, idx.tolist())

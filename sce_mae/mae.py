@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from timm.models.vision_transformer import Block, PatchEmbed
 from timm.layers import LayerNorm
-from .config import Profile, load_profile, load_checkpoint, save_checkpoint
+from .config import Profile, load_profile, need_profile, load_checkpoint, save_checkpoint
 
 # %% auto #0
 __all__ = ['MEAN', 'STD', 'patchify', 'unpatchify', 'show_patches', 'grid_positions', 'grid_centres', 'unit_centres', 'to_unit',
@@ -417,9 +417,9 @@ def vit_gflop(tokens: int, dim: int, depth: int, mlp_ratio: float = 4.0) -> floa
     "Forward GFLOP of `depth` transformer blocks on one sequence of `tokens` tokens of width `dim`."
     return depth * tokens * (2 * (4 + 2 * mlp_ratio) * dim * dim + 4 * tokens * dim) / 1e9
 
-def mae_step_gflop(profile: Profile | str, batch: int = 1) -> float:
+def mae_step_gflop(profile: Profile, batch: int = 1) -> float:
     "GFLOP of one MAE training step (forward and backward, about 3x the forward) on `batch` images."
-    p = load_profile(profile)
+    p = need_profile(profile, 'mae_step_gflop')
     N, D, Dd, P = p.n_tokens, p.embed_dim, p.dec_embed_dim, p.patch_size
     keep = int(N * (1 - p.mask_ratio)) + 1
     fwd = (2 * N * 3 * P * P * D + vit_gflop(keep, D, p.depth, p.mlp_ratio) * 1e9 + 2 * keep * D * Dd

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 import matplotlib.pyplot as plt
-from .config import Profile, load_profile, save_checkpoint, load_checkpoint
+from .config import Profile, load_profile, need_profile, save_checkpoint, load_checkpoint
 from .tps import tps_pair
 from .mae import grid_centres, nearest_cell, to_unit
 
@@ -143,11 +143,11 @@ def make_pairs(n: int) -> torch.Tensor:
     return torch.arange(n - n % 2).view(-1, 2)
 
 # %% ../nbs/12_matching.ipynb #30e9e764
-def matching_views(dataset, profile: Profile | str | None = None, n: int | None = None, seed: int = 0,
+def matching_views(dataset, profile: Profile, n: int | None = None, seed: int = 0,
                    path=None, progress: bool = False, key: str | None = None) -> dict:
     """The first n images of `dataset` (n = profile.match_images, even) and their two TPS views (`tps_pair`, `seed`); cached at `path`.
     `key` (what made the views: data, profile fields, code version) is stored with them and checked when they are read back."""
-    profile = load_profile(profile)
+    profile = need_profile(profile, 'matching_views')
     if path is not None and Path(path).is_file():
         v = load_checkpoint(path)
         if key is not None and v.get('key') != key:
@@ -193,13 +193,11 @@ def _meta(views) -> dict:
 
 # %% ../nbs/12_matching.ipynb #23ed3ec1
 @torch.no_grad()
-def matching_eval(feat_fn, dataset=None, profile: Profile | str | None = None, matcher='paper', batch: int = 64,
-                  n: int | None = None, seed: int = 0, views: dict | None = None, device=None,
+def matching_eval(feat_fn, views: dict, matcher='paper', batch: int = 64, device=None,
                   return_points: bool = False, progress: bool = True) -> dict:
-    "DVE's matching protocol: mean and per-landmark errors (70 x 70 frame px), same and different identity, per matcher."
+    "DVE's matching protocol: mean and per-landmark errors (70 x 70 frame px), same and different identity, per matcher, on `matching_views`."
     ms, t0 = _matchers(matcher), time.time()
-    if views is None: views = matching_views(dataset, profile, n, seed)
-    t_views, t_feat, size = time.time() - t0, 0., views['size']
+    t_feat, size = 0., views['size']
     ref, other = views['pairs'][:, 0], views['pairs'][:, 1]
     pts = {m: {'same': [], 'different': []} for m in ms}
     def feats(imgs):
@@ -221,15 +219,13 @@ def matching_eval(feat_fn, dataset=None, profile: Profile | str | None = None, m
         out[m] = _entry(match_errors(pts[m]['same'], views['lms2'][ref], size),
                         match_errors(pts[m]['different'], views['lms2'][other], size))
     total = time.time() - t0
-    out['seconds'] = dict(views=t_views, features=t_feat, match=total - t_views - t_feat, total=total)
+    out['seconds'] = dict(features=t_feat, match=total - t_feat, total=total)
     if return_points: out['points'] = pts
     return out
 
 # %% ../nbs/12_matching.ipynb #990d8f13
-def same_location_baseline(dataset=None, profile: Profile | str | None = None, n: int | None = None,
-                           seed: int = 0, views: dict | None = None) -> dict:
+def same_location_baseline(views: dict) -> dict:
     "The error of answering with the reference landmark's own position (no features), in `matching_eval`'s layout."
-    if views is None: views = matching_views(dataset, profile, n, seed)
     ref, other, size = views['pairs'][:, 0], views['pairs'][:, 1], views['size']
     guess = views['lms1'][ref]
     return dict(_meta(views), matchers=['same_location'],
@@ -280,13 +276,11 @@ def dot_features(stride: int = 1, const: float = 1.0, blur: float = 0.):
 
 # %% ../nbs/12_matching.ipynb #81e7d981
 @torch.no_grad()
-def show_matches(feat_fn, dataset=None, profile: Profile | str | None = None, pairs=range(4), matcher: str = 'paper',
-                 identity: str = 'different', views: dict | None = None, seed: int = 0, cols: int = 2):
+def show_matches(feat_fn, views: dict, pairs=range(4), matcher: str = 'paper', identity: str = 'different', cols: int = 2):
     "Matches of the given pairs (indices m of (2m, 2m+1)) drawn side by side with their errors; returns the Figure."
     if identity not in ('same', 'different'): raise ValueError(f"identity must be 'same' or 'different'; got {identity!r}")
     _matchers(matcher)
     pairs = list(pairs)
-    if views is None: views = matching_views(dataset, profile, n=2 * (max(pairs) + 1), seed=seed)
     size, pr = views['size'], views['pairs'][pairs]
     ref, tgt = pr[:, 0], pr[:, 0] if identity == 'same' else pr[:, 1]
     pred = match_points(feat_fn(views['img1'][ref]), feat_fn(views['img2'][tgt]), views['lms1'][ref], matcher, size)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from .config import (Profile, load_profile, get_device, seed_everything, save_checkpoint, load_checkpoint,
+from .config import (Profile, load_profile, need_profile, get_device, seed_everything, save_checkpoint, load_checkpoint,
                             add_run_args, parse_run_args, cli, writable_dir, bench_context, bench_note, file_sha256,
                             sync_device, finished_run)
 from .mae import MAE, load_mae, grid_positions, cell_centres
@@ -23,7 +23,7 @@ from .tps import tps_pair, map_points
 
 # %% auto #0
 __all__ = ['REFINED', 'VARIANTS', 'TOKEN_SETS', 'DVE_POW', 'DVE_SCALE', 'LOSSES', 'Variant', 'mode_names', 'token_mode_names',
-           'lcr_batches', 'stage2_batch', 'view_offsets', 'show_selection', 'dve_loss', 'refine_loss',
+           'token_batches', 'stage2_batch', 'view_offsets', 'show_selection', 'dve_loss', 'refine_loss',
            'register_variant', 'make_refine_optimizer', 'refine_step', 'check_backbone', 'training_batches',
            'refine_modes', 'refine', 'load_refined', 'main', 'bench_refine']
 
@@ -89,25 +89,25 @@ def _selected_tokens(e, p: Profile) -> dict:
 
 TOKEN_SETS = {'selected': _selected_tokens, 'all': _all_tokens}     # a variant's `tokens`: which tokens its loss sees
 
-def _lcr_inputs(e, p: Profile, mode: str) -> dict:
+def _token_inputs(e, p: Profile, mode: str) -> dict:
     "One token mode's inputs from an encoded batch: its variant's token set."
     return dict(mode=mode, **TOKEN_SETS[VARIANTS[mode].tokens](e, p))
 
 # %% ../nbs/10_refine.ipynb #61b8f8f1
 @torch.no_grad()
-def lcr_batches(mae: MAE, imgs: torch.Tensor, profile: Profile | str, modes=None,
+def token_batches(mae: MAE, imgs: torch.Tensor, profile: Profile, modes=None,
                 imgs_b: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> dict:
     """{mode: inputs} of the token `modes` (default all) for [0, 1] crops `imgs` (B, 3, S, S), one encoder pass serving them all. Given second
     crops `imgs_b` of the same faces and their offsets `shift` (B, 2) (y, x, px) from the first, all their tokens join every
     mode's batch (`sel_b`, `pos_b` in the first crop's patch grid, `is_att_b`)."""
-    p, B, known = load_profile(profile), len(imgs), token_mode_names()
+    p, B, known = need_profile(profile, 'token_batches'), len(imgs), token_mode_names()
     modes = tuple(known if modes is None else modes)
     if not modes or any(m not in known for m in modes):
-        raise ValueError(f"lcr_batches: modes {modes} must be some of {', '.join(known)}")
+        raise ValueError(f"token_batches: modes {modes} must be some of {', '.join(known)}")
     if imgs_b is not None and (imgs_b.shape != imgs.shape or shift is None or tuple(shift.shape) != (B, 2)):
-        raise ValueError(f"lcr_batches: imgs_b must be like imgs {tuple(imgs.shape)} and shift (B, 2) = ({B}, 2)")
+        raise ValueError(f"token_batches: imgs_b must be like imgs {tuple(imgs.shape)} and shift (B, 2) = ({B}, 2)")
     e = _encode(mae, imgs, p, split=any(VARIANTS[m].tokens == 'selected' for m in modes))
-    out = {m: _lcr_inputs(e, p, m) for m in modes}
+    out = {m: _token_inputs(e, p, m) for m in modes}
     if imgs_b is not None:
         b = _all_tokens(_encode(mae, imgs_b, p), p)                                  # every token of the second crop
         pos_b = b['pos'] + shift.to(imgs.device, torch.float32)[:, None] / p.patch_size
@@ -116,12 +116,12 @@ def lcr_batches(mae: MAE, imgs: torch.Tensor, profile: Profile | str, modes=None
 
 # %% ../nbs/10_refine.ipynb #17a360a4
 @torch.no_grad()
-def stage2_batch(mae: MAE, imgs: torch.Tensor, profile: Profile | str, mode: str = 'sce',
+def stage2_batch(mae: MAE, imgs: torch.Tensor, profile: Profile, mode: str = 'sce',
                  pair_seed: int | None = None, imgs_b: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> dict:
-    """Frozen-encoder inputs of the `mode` loss for [0, 1] crops `imgs` (B, 3, S, S): `lcr_batches` for the token modes
+    """Frozen-encoder inputs of the `mode` loss for [0, 1] crops `imgs` (B, 3, S, S): `token_batches` for the token modes
     (`imgs_b`, `shift`: the second crops), two TPS views drawn with `pair_seed` for the 'views' modes (DVE's loss)."""
-    p, mode = load_profile(profile), _check_mode(mode)
-    if mode in token_mode_names(): return lcr_batches(mae, imgs, p, (mode,), imgs_b, shift)[mode]
+    p, mode = need_profile(profile, 'stage2_batch'), _check_mode(mode)
+    if mode in token_mode_names(): return token_batches(mae, imgs, p, (mode,), imgs_b, shift)[mode]
     if pair_seed is None: raise ValueError(f"stage2_batch: mode {mode!r} needs pair_seed (the seed of the TPS views)")
     B, dev = len(imgs), imgs.device
     pair = tps_pair(imgs, None, p, seed=int(pair_seed), padding_mode='border')
@@ -195,9 +195,9 @@ def _dve_loss(projector: nn.Module, batch: dict, p: Profile) -> torch.Tensor:
 
 LOSSES = {'lcr': _lcr_loss, 'dve': _dve_loss}     # a variant's `loss`: f(projector, batch, profile) -> scalar
 
-def refine_loss(projector: nn.Module, batch: dict, profile: Profile | str) -> torch.Tensor:
+def refine_loss(projector: nn.Module, batch: dict, profile: Profile) -> torch.Tensor:
     "The stage-2 loss of a `stage2_batch` under the projector: its variant's entry of LOSSES."
-    return LOSSES[VARIANTS[batch['mode']].loss](projector, batch, load_profile(profile))
+    return LOSSES[VARIANTS[batch['mode']].loss](projector, batch, need_profile(profile, 'refine_loss'))
 
 # %% ../nbs/10_refine.ipynb #dffb0574
 def register_variant(v: Variant, replace: bool = False) -> Variant:
@@ -210,13 +210,13 @@ def register_variant(v: Variant, replace: bool = False) -> Variant:
     return v
 
 # %% ../nbs/10_refine.ipynb #bdc47528
-def make_refine_optimizer(projector: nn.Module, profile: Profile | str) -> torch.optim.AdamW:
+def make_refine_optimizer(projector: nn.Module, profile: Profile) -> torch.optim.AdamW:
     "AdamW for the projector: `ref_lr` (set per step by the schedule), `ref_weight_decay` on weight matrices; fused when available."
-    p = load_profile(profile)
+    p = need_profile(profile, 'make_refine_optimizer')
     return adamw(projector, p.ref_lr, p.ref_weight_decay)
 
 # %% ../nbs/10_refine.ipynb #fb0c815d
-def refine_step(projector: nn.Module, opt: torch.optim.Optimizer, batch: dict, lr: float, profile: Profile | str) -> torch.Tensor:
+def refine_step(projector: nn.Module, opt: torch.optim.Optimizer, batch: dict, lr: float, profile: Profile) -> torch.Tensor:
     "One AdamW step of the projector on a `stage2_batch`; -> the loss (detached)."
     for g in opt.param_groups: g['lr'] = lr
     loss = refine_loss(projector, batch, profile)
@@ -254,7 +254,7 @@ def training_batches(mae: MAE, frames: torch.Tensor, seed: int, epoch: int, step
     out, lcr = {}, [m for m in modes if m in shared]
     if lcr:
         off_b = view_offsets(seed, epoch, step, B, p)
-        out = lcr_batches(mae, imgs, p, lcr, imgs_b=augment(frames, off_b, d['fac'], p.img_size), shift=off_b - d['off'])
+        out = token_batches(mae, imgs, p, lcr, imgs_b=augment(frames, off_b, d['fac'], p.img_size), shift=off_b - d['off'])
     for m in modes:
         if m not in shared: out[m] = stage2_batch(mae, imgs, p, m, pair_seed=_pair_seed(seed, epoch, step))
     return out

@@ -62,16 +62,15 @@ class TPSParams:
 
 # %% ../nbs/03_tps.ipynb #f05bc12d
 def tps_params(p) -> TPSParams:
-    "The warp strengths of a `Profile`, a profile name, a `TPSParams` or a dict with the `tps_*` keys."
+    "The warp strengths of a `Profile`, a `TPSParams` or a dict with the `tps_*` keys."
     if isinstance(p, TPSParams): return p
-    if isinstance(p, str): p = load_profile(p)
     if isinstance(p, Profile): p = p.to_dict()
     if isinstance(p, dict):
         keys = [f.name for f in fields(TPSParams)]
         missing = [k for k in keys if k not in p]
         if missing: raise ValueError(f"tps_params: missing key(s) {', '.join(missing)}")
         return TPSParams(**{k: p[k] for k in keys})
-    raise TypeError(f"tps_params: expected a Profile, profile name, TPSParams or dict, got {type(p).__name__}")
+    raise TypeError(f"tps_params: expected a Profile, TPSParams or dict, got {type(p).__name__} {p!r}; resolve a profile name once with load_profile")
 
 # %% ../nbs/03_tps.ipynb #d252b718
 def control_points(grid: int, device=None, dtype=torch.float32) -> torch.Tensor:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
-from .config import Profile, load_profile
+from .config import Profile, load_profile, need_profile
 
 # %% auto #0
 __all__ = ['warmup_cosine', 'param_groups', 'adamw', 'load_frames', 'seeded_generator', 'epoch_order', 'step_draws', 'augment',
@@ -44,11 +44,11 @@ _FRAMES: dict = {}
 def _stack_imgs(batch): return torch.stack([r['img'] for r in batch])
 
 # %% ../nbs/04a_training.ipynb #d92490ee
-def load_frames(profile: Profile | str, dataset: str | None = None, root=None, split: str = 'train',
+def load_frames(profile: Profile, dataset: str | None = None, root=None, split: str = 'train',
                 progress: bool = True) -> torch.Tensor:
     "The pretraining images of `profile` (n_train of them; all when 0) as a uint8 tensor (n, 3, frame, frame)."
     from sce_mae.datasets import get_dataset
-    p = load_profile(profile)
+    p = need_profile(profile, 'load_frames')
     name = dataset or p.dataset
     key = (name, split, str(root), p.n_train, p.img_size)
     if key in _FRAMES: return _FRAMES[key]

@@ -73,7 +73,7 @@ def test_same_location_baseline_is_warp_displacement(prof):
                  crop=20, index=torch.arange(8))
     same = float((v['lms1'][0::2] - v['lms2'][0::2]).norm(dim=-1).mean() * 70 / 96)
     diff = float((v['lms1'][0::2] - v['lms2'][1::2]).norm(dim=-1).mean() * 70 / 96)
-    b = same_location_baseline(ds, prof, n=8)
+    b = same_location_baseline(matching_views(ds, prof, n=8))
     assert b['matchers'] == ['same_location'] and b['n_pairs'] == 4
     assert b['same_location']['same'] == pytest.approx(same, abs=1e-5)
     assert b['same_location']['different'] == pytest.approx(diff, abs=1e-5)
@@ -105,7 +105,7 @@ def test_result_layout_and_batch_independence(dviews):
         assert len(a[m]['same_per_landmark']) == 5
         assert sum(a[m]['different_per_landmark']) / 5 == pytest.approx(a[m]['different'], abs=1e-5)
     assert (a['n_images'], a['n_pairs'], a['size'], a['frame'], a['seed']) == (16, 8, 96, 70, 0)
-    assert set(a['seconds']) == {'views', 'features', 'match', 'total'}
+    assert set(a['seconds']) == {'features', 'match', 'total'}
     only = matching_eval(f, views=dviews, matcher='dve', progress=False)
     assert only['matchers'] == ['dve'] and 'paper' not in only and only['dve'] == a['dve']
 
