@@ -19,7 +19,7 @@ from sce_mae.refine import load_refined
 from sce_mae.dense import DenseFeatures
 from sce_mae.synth import SynthFaces
 from sce_mae.matching import matching_views, matching_eval, same_location_baseline, displacement_followed
-from sce_mae.evaluate import position_r2, landmark_descriptors, silhouette
+from sce_mae.results import position_r2, landmark_descriptors, silhouette
 
 ap = argparse.ArgumentParser(description='Validation-split diagnostics of SynthFaces runs (never the test split).')
 ap.add_argument('runs', nargs='+', help='run folders written by sce-mae-reproduce')

@@ -40,7 +40,7 @@ from sce_mae.training import load_frames
 from sce_mae.refine import refine, load_refined
 from sce_mae.dense import DenseFeatures
 from sce_mae.matching import matching_views, match_points, match_errors, displacement_followed, same_location_baseline
-from sce_mae.evaluate import position_r2
+from sce_mae.results import position_r2
 
 
 def variants(a):
@@ -193,7 +193,8 @@ def detection(a, p, views, out):
     "Regressor schedule on held-out training faces, for raw features and each refined mode of `--refined` (DIR/refine_MODE/refined.pt)."
     from sce_mae.datasets import get_dataset
     from sce_mae.detection import extract_features, train_regressor, predict, interocular_errors, draw_subset
-    from sce_mae.evaluate import head, row_features
+    from sce_mae.results import head
+    from sce_mae.evaluate import row_features
     if a.data == 'synth': raise SystemExit('study.py detection: real data only (--data mtfl --root PATH)')
     at = sorted(int(x) for x in a.det_at.split(','))
     crops = get_dataset(a.data, 'train', a.root, size=p.img_size)

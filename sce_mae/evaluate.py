@@ -5,88 +5,33 @@ annotations and feature quality, for SCE-MAE and every baseline, computed in the
 
 # %% ../nbs/14_evaluate.ipynb #bb4666e1
 from __future__ import annotations
-import argparse, hashlib, json, math, os, platform, time
+import argparse, hashlib, json, os, platform, time
 from pathlib import Path
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 import matplotlib.pyplot as plt
-from sklearn.manifold import TSNE              # imported here, not lazily: threads_limit only reaches loaded libraries
-from sklearn.metrics import silhouette_score
 from . import __version__
 from .config import (Profile, load_profile, get_device, seed_everything, load_checkpoint, add_run_args,
-                            parse_run_args, cli, writable_dir, CheckpointError, bench_context, threads_limit,
+                            parse_run_args, cli, writable_dir, bench_context, threads_limit,
                             set_threads)
 from .datasets import get_dataset
-from .mae import MAE, load_mae, encoder_param_count, to_unit
-from .refine import load_refined, check_backbone, file_sha256, VARIANTS, mode_names
+from .mae import MAE, load_mae, encoder_param_count
+from .refine import load_refined, check_backbone, file_sha256, VARIANTS
 from .dense import DenseFeatures, encoder_gflop
 from .matching import (FRAME, MATCHERS, matching_views, matching_eval, same_location_baseline, show_matches)
 from .detection import (extract_features, evaluate_regressor, draw_subset, interocular_errors, show_detections)
+from .results import (PAPER_SOURCE, PAPER_MATCHING, PAPER_DETECTION, PAPER_ABLATION, PAPER_LIMITED, PAPER_COLUMN,
+                             eval_rows, feature_rows, MEAN_SHAPE, head, TokenMemo, row_fn, limited_seed, limited_draws,
+                             limited_epochs, landmark_descriptors, silhouette, tsne_embed, position_r2, results_markdown,
+                             plot_tsne, plot_limited)
 
 # %% auto #0
-__all__ = ['PAPER_SOURCE', 'PAPER_MATCHING', 'PAPER_DETECTION_SETS', 'PAPER_DETECTION', 'PAPER_ABLATION', 'PAPER_LIMITED',
-           'PAPER_COLUMN', 'MEAN_SHAPE', 'IN_DOMAIN', 'eval_rows', 'projector_rows', 'feature_rows', 'find_run',
-           'run_profile', 'head', 'TokenMemo', 'row_fn', 'limited_seed', 'limited_draws', 'limited_epochs',
-           'landmark_descriptors', 'silhouette', 'tsne_embed', 'position_r2', 'results_markdown', 'plot_tsne',
-           'plot_limited', 'figure_preview', 'data_fingerprint', 'cache_key', 'row_features', 'in_domain_split',
+__all__ = ['IN_DOMAIN', 'find_run', 'run_profile', 'data_fingerprint', 'cache_key', 'row_features', 'in_domain_split',
            'evaluate_run', 'main', 'bench_matching']
 
-# %% ../nbs/14_evaluate.ipynb #b1b17172
-PAPER_SOURCE = ("Yin et al., SCE-MAE: Selective Correspondence Enhancement with Masked Autoencoder for "
-                "Self-Supervised Landmark Estimation, CVPR 2024; as transcribed in docs/method.md section 6")
-
-PAPER_MATCHING = [  # MAFL, mean error in px of the 70x70 frame
-    dict(dim=64, method='DVE', params_m=12.4, same=0.92, different=2.38),
-    dict(dim=64, method='ContrastLandmark', params_m=23.8, same=0.92, different=2.62),
-    dict(dim=64, method='LEAD', params_m=23.8, same=0.51, different=2.60),
-    dict(dim=64, method='SCE-MAE DeiT-T', params_m=5.4, same=0.47, different=1.99),
-    dict(dim=128, method='SCE-MAE DeiT-S', params_m=21.4, same=0.31, different=1.69),
-    dict(dim=256, method='LEAD', params_m=23.8, same=0.48, different=2.50),
-    dict(dim=256, method='SCE-MAE DeiT-B', params_m=85.3, same=0.27, different=1.61),
-]
-
-PAPER_DETECTION_SETS = ('MAFL', 'AFLW_M', 'AFLW_R', '300W')
-PAPER_DETECTION = [  # inter-ocular error %
-    dict(method='DVE', MAFL=2.76, AFLW_M=6.96, AFLW_R=6.33, **{'300W': 4.58}),
-    dict(method='ContrastLandmark', MAFL=2.76, AFLW_M=6.17, AFLW_R=5.69, **{'300W': 4.84}),
-    dict(method='LEAD', MAFL=2.44, AFLW_M=6.05, AFLW_R=5.71, **{'300W': 4.87}),
-    dict(method='SCE-MAE DeiT-T', MAFL=2.20, AFLW_M=5.89, AFLW_R=5.54, **{'300W': 4.22}),
-    dict(method='SCE-MAE DeiT-S', MAFL=2.08, AFLW_M=5.33, AFLW_R=5.40, **{'300W': 3.94}),
-    dict(method='SCE-MAE DeiT-B', MAFL=2.07, AFLW_M=5.23, AFLW_R=5.33, **{'300W': 3.95}),
-]
-
-PAPER_ABLATION = [  # MAFL matching, same / different identity (70x70 px)
-    dict(variant='raw last-layer MAE features', same=0.55, different=3.51),
-    dict(variant='with clustering', same=0.30, different=4.04),
-    dict(variant='with clustering and LCR (SCE-MAE)', same=0.27, different=1.61),
-]
-
-PAPER_LIMITED = dict(dataset='AFLW_M', dim=64, errors={1: 18.41, 5: 11.79, 10: 10.57, 20: 9.65, 50: 8.60, 100: 8.31})
-
-# which column of the paper's detection table a dataset of ours corresponds to (MTFL's test crops are AFLW_M's)
-PAPER_COLUMN = {'mafl': 'MAFL', 'celeba': 'MAFL', 'mtfl': 'AFLW_M', 'aflw_m': 'AFLW_M', 'aflw_r': 'AFLW_R', '300w': '300W'}
-
-# %% ../nbs/14_evaluate.ipynb #90c62365
-def eval_rows() -> dict:
-    "{row: label and checkpoint in a run}: the two baselines without a projector, then one row per stage-2 variant, as registered now."
-    return {'same_location': dict(label='same-location (no features)', checkpoint=None),
-            'mae': dict(label='raw MAE, last layer (stage 1)', checkpoint='pretrain/mae.pt'),
-            **{k: dict(label=VARIANTS[k].label, checkpoint=VARIANTS[k].checkpoint) for k in projector_rows()}}
-
-def projector_rows() -> tuple:
-    "The rows of the stage-2 variants, the baseline first and the method last."
-    return tuple(reversed(mode_names()))
-
-def feature_rows() -> tuple:
-    "The rows that have features: raw MAE and every projector."
-    return ('mae',) + projector_rows()
-
 # %% ../nbs/14_evaluate.ipynb #f4ff569b
-MEAN_SHAPE = dict(key='mean_shape', label='mean training shape (no features)')
-
 def find_run(run_dir) -> dict:
     "{row: checkpoint Path or None} of a run folder; a clear error when it has no stage-1 backbone."
     run = Path(run_dir)
@@ -112,248 +57,6 @@ def run_profile(run_dir, profile: Profile | str | None = None) -> Profile:
         if isinstance(d, dict) and 'name' in d: return load_profile(d['name'])
         raise ValueError(f"{pj}: expected a profile name or a profile dict, got {str(d)[:80]}")
     return Profile.from_dict(load_checkpoint(find_run(run)['mae'])['profile'])
-
-# %% ../nbs/14_evaluate.ipynb #57d6836d
-def head(tokens: torch.Tensor, projector=None, which: str = 'stage1', chunk: int = 256,
-         dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    "Features of a row from raw token maps (B, D, h, w): L2-normalised tokens (stage 1), projected (stage 2) or both."
-    if which not in ('stage1', 'stage2', 'both'): raise ValueError(f"head: which={which!r}; choose stage1, stage2 or both")
-    if which != 'stage1' and projector is None: raise ValueError(f"head: which={which!r} needs a projector")
-    out = []
-    for t in tokens.split(chunk):
-        t = t.float().permute(0, 2, 3, 1)                                       # (b, h, w, D)
-        parts = []
-        if which in ('stage1', 'both'): parts.append(F.normalize(t, dim=-1))
-        if which in ('stage2', 'both'):
-            with torch.no_grad(): parts.append(projector(t.to(next(projector.parameters()).device)).to(t.device))
-        out.append(torch.cat(parts, -1).permute(0, 3, 1, 2).to(dtype))
-    return torch.cat(out)
-
-# %% ../nbs/14_evaluate.ipynb #e5f7ed37
-class TokenMemo:
-    "A `feat_fn` of raw token maps that computes each distinct image once (looked up by its bytes)."
-    def __init__(self, dense: DenseFeatures):
-        if dense.which != 'stage1' or dense.l2: raise ValueError("TokenMemo wants raw tokens: DenseFeatures(mae, which='stage1', l2=False)")
-        self.dense, self.store, self.computed, self.looked_up = dense, {}, 0, 0
-
-    @staticmethod
-    def key(img: torch.Tensor) -> bytes:
-        return hashlib.blake2b(img.detach().float().contiguous().cpu().numpy().tobytes(), digest_size=16).digest()
-
-    def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
-        keys = [self.key(x) for x in imgs]
-        new = {}
-        for i, k in enumerate(keys):
-            if k not in self.store and k not in new: new[k] = i
-        if new:
-            f = self.dense(imgs[list(new.values())]).cpu()
-            for k, x in zip(new, f): self.store[k] = x
-        self.computed += len(new); self.looked_up += len(keys)
-        return torch.stack([self.store[k] for k in keys])
-
-    def clear(self): self.store.clear()
-
-# %% ../nbs/14_evaluate.ipynb #416a140e
-def row_fn(tokens_fn, projector=None, which: str = 'stage1'):
-    "A `feat_fn` for one row: `head` of the raw token maps `tokens_fn(imgs)` gives."
-    def feat_fn(imgs): return head(tokens_fn(imgs), projector, which)
-    return feat_fn
-
-# %% ../nbs/14_evaluate.ipynb #17692003
-def limited_seed(seed: int, n: int, repeat: int, attempt: int = 0) -> int:
-    "The seed of draw `repeat` of `n` images (a fixed mix of the run's seed, n, the repeat and the attempt)."
-    return (((seed * 1_000_003 + n) * 1_000_003 + repeat) * 1_000_003 + attempt) % (2 ** 31 - 1)
-
-def limited_draws(n_total: int, n: int, repeats: int, seed: int = 0) -> list[torch.Tensor]:
-    "`repeats` seeded draws of `n` of `n_total` indices (sorted), pairwise different whenever that is possible."
-    if n < 1: raise ValueError(f"limited annotations: n must be >= 1; got {n}")
-    draws = []
-    for r in range(repeats):
-        for attempt in range(100):
-            idx = draw_subset(n_total, n, limited_seed(seed, n, r, attempt))
-            if n >= n_total or all(not torch.equal(idx, d) for d in draws): break
-        draws.append(idx)
-    return draws
-
-def limited_epochs(n: int, profile: Profile) -> int:
-    "Epochs for a regressor on n images: det_epochs, and enough to see det_epochs * det_batch images."
-    return max(profile.det_epochs, math.ceil(profile.det_epochs * profile.det_batch / n))
-
-# %% ../nbs/14_evaluate.ipynb #8d9b54e5
-def landmark_descriptors(maps: torch.Tensor, lms: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    "Descriptors (B*P, C) sampled bilinearly from maps (B, C, h, w) at landmarks (B, P, 2) of `size` px images, and labels (B*P,)."
-    if maps.ndim != 4 or lms.ndim != 3 or len(maps) != len(lms):
-        raise ValueError(f"landmark_descriptors: maps (B, C, h, w) and lms (B, P, 2) with the same B; got {tuple(maps.shape)}, {tuple(lms.shape)}")
-    grid = to_unit(lms.float(), size)[:, :, None]                      # (B, P, 1, 2)
-    d = F.grid_sample(maps.float(), grid, mode='bilinear', padding_mode='border', align_corners=False)[..., 0]
-    B, P = lms.shape[:2]
-    return F.normalize(d.transpose(1, 2).reshape(B * P, -1), dim=-1), torch.arange(P).repeat(B)
-
-# %% ../nbs/14_evaluate.ipynb #90d4a1d2
-def silhouette(desc: torch.Tensor, labels: torch.Tensor) -> float:
-    "scikit-learn's silhouette coefficient of the L2-normalised descriptors (Euclidean) with `labels`."
-    return float(silhouette_score(F.normalize(desc.float(), dim=-1).numpy(), labels.numpy(), metric='euclidean'))
-
-def tsne_embed(desc: torch.Tensor, seed: int = 0) -> np.ndarray:
-    "2-D t-SNE (scikit-learn, PCA init, 500 iterations, seeded) of the L2-normalised descriptors: (n, 2)."
-    x = F.normalize(desc.float(), dim=-1).numpy()
-    return TSNE(2, perplexity=float(min(30, max(2, (len(x) - 1) // 3))), init='pca', random_state=seed,
-                max_iter=500).fit_transform(x)
-
-# %% ../nbs/14_evaluate.ipynb #854ce763
-def position_r2(maps: torch.Tensor, ridge: float = 1e-3) -> float:
-    """How much of a feature map is *where* rather than *what*: the R^2 of a ridge-regularised linear map from each
-    cell's L2-normalised feature to the cell's (x, y), fitted on the first half of the images and scored on the
-    second half. 1: the position can be read off every feature; 0: not at all."""
-    if maps.ndim != 4 or len(maps) < 2: raise ValueError(f"position_r2: maps (B >= 2, C, h, w); got {tuple(maps.shape)}")
-    B, C, h, w = maps.shape
-    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing='ij')
-    X = F.normalize(maps.double(), dim=1).permute(0, 2, 3, 1).reshape(B, h * w, C)
-    X = torch.cat([X, torch.ones(B, h * w, 1, dtype=X.dtype)], -1)
-    Y = torch.stack([xx, yy], -1).reshape(1, h * w, 2).expand(B, -1, -1)
-    n = B // 2
-    A, Ya, Bt, Yb = X[:n].reshape(-1, C + 1), Y[:n].reshape(-1, 2), X[n:].reshape(-1, C + 1), Y[n:].reshape(-1, 2)
-    W = torch.linalg.solve(A.T @ A + ridge * len(A) * torch.eye(C + 1, dtype=A.dtype), A.T @ Ya)
-    return float((1 - ((Bt @ W - Yb) ** 2).sum(0) / ((Yb - Yb.mean(0)) ** 2).sum(0)).mean())
-
-# %% ../nbs/14_evaluate.ipynb #363a575b
-def _f(x, nd=2) -> str:
-    return '—' if x is None or (isinstance(x, float) and not math.isfinite(x)) else f'{x:.{nd}f}'
-
-def _table(header: list, rows: list) -> str:
-    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-    return '\n'.join(lines + ['| ' + ' | '.join(str(c) for c in r) + ' |' for r in rows])
-
-def _missing(res, key) -> str:
-    return f"— (not in this run: {res['rows'][key]['note']})"
-
-# %% ../nbs/14_evaluate.ipynb #6e90fb8c
-def _detection_table(res: dict, d: dict) -> str:
-    "The detection table of one protocol `d` (mean shape first, then every feature row)."
-    body = []
-    for k in (MEAN_SHAPE['key'],) + feature_rows():
-        r = d['rows'].get(k)
-        label = MEAN_SHAPE['label'] if k == MEAN_SHAPE['key'] else res['rows'][k]['label']
-        if r is None: body.append([label, _missing(res, k), '', '', '']); continue
-        body.append([label, r['features'], r['dim'] or '—', _f(r['error']), _f(r['train_error'])])
-    return _table(['row', 'features', 'dim', 'test error %', 'train error %'], body)
-
-# %% ../nbs/14_evaluate.ipynb #597058e7
-# Long by design: the report's tables one after the other, in the order a reader meets them.
-def results_markdown(res: dict) -> str:
-    "The Markdown report of an `evaluate_run` result: our tables (every row), then the paper's, labelled."
-    rows, out = res['rows'], []
-    out.append(f"# SCE-MAE evaluation: profile `{res['profile']}`, dataset `{res['dataset']}`, seed {res['seed']}\n")
-    out.append(f"Run `{res['run_dir']}`; stride {res['stride']} ({res['map']}x{res['map']} maps); device {res['device']}; "
-               f"sce-mae {res['version']}. Every row below was computed in this run on the same images; the paper's "
-               f"numbers are in the tables titled *Paper*, never in ours.\n")
-    for k in feature_rows():
-        if not rows[k]['available']: out.append(f"- **note**: {rows[k]['label']}: {rows[k]['note']}; its row is skipped.")
-    m = res['matching']
-    out.append(f"\n## Ours: landmark matching ({res['dataset']} test, {m['n_images']} images, {m['n_pairs']} pairs per identity; "
-               f"mean error, px of the {FRAME}x{FRAME} frame)\n")
-    hdr = ['row', 'descriptor', 'dim', 'params (M)', 'paper matcher: same', 'paper matcher: different', 'DVE matcher: same', 'DVE matcher: different']
-    body = []
-    for k in ('same_location',) + feature_rows():
-        r = m['rows'].get(k)
-        if r is None: body.append([rows[k]['label'], _missing(res, k), '', '', '', '', '', '']); continue
-        body.append([rows[k]['label'], rows[k]['descriptor'], rows[k]['dim'] or '—', _f(rows[k]['params_m'], 3),
-                     *[_f(r[mm][i]) for mm in MATCHERS for i in ('same', 'different')]])
-    out.append(_table(hdr, body))
-    out.append("\n(The same-location row answers with the reference position whatever the matcher.)\n")
-    out.append("\n### Ours: matching per landmark (paper matcher, different identity)\n")
-    body = [[rows[k]['label'], *[_f(e) for e in m['rows'][k]['paper']['different_per_landmark']]]
-            for k in ('same_location',) + feature_rows() if m['rows'].get(k) is not None]
-    out.append(_table(['row'] + [f'landmark {i}' for i in range(len(body[0]) - 1)], body))
-    d = res['detection']
-    out.append(f"\n## Ours: landmark detection (inter-ocular error %, {d['n_train']} training and {d['n_test']} test images of "
-               f"{res['dataset']}; eyes {d['eyes']})\n")
-    out.append(_detection_table(res, d))
-    dd = res.get('detection_in_domain')
-    if dd is not None:
-        out.append(f"\n## Ours: landmark detection inside the test domain (inter-ocular error %; {dd['protocol']})\n")
-        out.append(f"Skipped: {dd['skipped']}.\n" if 'skipped' in dd else _detection_table(res, dd))
-    lim = res['limited']
-    out.append(f"\n## Ours: limited annotations (inter-ocular error %, mean ± std over {lim['repeats']} draws)\n")
-    body = [[rows[k]['label']] + [f"{_f(r[str(n)]['mean'])} ± {_f(r[str(n)]['std'])}" for n in lim['sizes']]
-            for k, r in lim['rows'].items() if r is not None]
-    body += [[rows[k]['label'], _missing(res, k)] + [''] * (len(lim['sizes']) - 1)
-             for k, r in lim['rows'].items() if r is None]
-    out.append(_table(['row'] + [f'{n} image{"s" * (n > 1)}' for n in lim['sizes']], body))
-    q = res['feature_quality']
-    out.append(f"\n## Ours: feature quality (silhouette of the landmark descriptors of {q['n_images']} test images, "
-               f"label = landmark; position R² = how well a linear map reads each cell's position off its feature)\n")
-    body = [[rows['same_location']['label'], 'n/a (no features)', '—', '—', '—']]
-    for k in feature_rows():
-        r = q['rows'].get(k)
-        body.append([rows[k]['label'], _missing(res, k), '', '', ''] if r is None else
-                    [rows[k]['label'], rows[k]['descriptor'], r['dim'], _f(r['silhouette'], 3), _f(r.get('position_r2'), 3)])
-    out.append(_table(['row', 'descriptor', 'dim', 'silhouette', 'position R²'], body))
-    pp = res['paper']
-    out.append(f"\n## Paper (not this run): landmark matching on MAFL, px of the 70x70 frame\n\nSource: {pp['source']}.\n")
-    out.append(_table(['paper, MAFL: method', 'feature dim', 'params (M)', 'same', 'different'],
-                      [[r['method'], r['dim'], r['params_m'], _f(r['same']), _f(r['different'])] for r in pp['matching']]))
-    col = PAPER_COLUMN.get(res['dataset'])
-    out.append(f"\n## Paper (not this run): landmark detection, inter-ocular error %\n\n"
-               + (f"The column comparable to this run's dataset ({res['dataset']}) is {col}.\n" if col else
-                  f"No column of the paper matches this run's dataset ({res['dataset']}).\n"))
-    out.append(_table(['paper: method'] + [f'paper, {s}' for s in PAPER_DETECTION_SETS],
-                      [[r['method']] + [_f(r[s]) for s in PAPER_DETECTION_SETS] for r in pp['detection']]))
-    out.append("\n## Paper (not this run): ablation, matching on MAFL (same / different, px of the 70x70 frame)\n")
-    out.append(_table(['paper, MAFL: variant', 'same', 'different'],
-                      [[r['variant'], _f(r['same']), _f(r['different'])] for r in pp['ablation']]))
-    pl = pp['limited']
-    out.append(f"\n## Paper (not this run): limited annotations on {pl['dataset']}, {pl['dim']}-d (DeiT-T), error %\n")
-    out.append(_table([f'paper, {pl["dataset"]}: images'] + [str(n) for n in pl['errors']],
-                      [['error %'] + [_f(v) for v in pl['errors'].values()]]))
-    t = res['timings']
-    out.append("\n## Timings (s)\n")
-    out.append(_table(list(t), [[_f(v, 1) for v in t.values()]]))
-    if res.get('figures'): out.append("\n## Figures\n\n" + '\n'.join(f"![{f}]({f})" for f in res['figures']))
-    return '\n'.join(out) + '\n'
-
-# %% ../nbs/14_evaluate.ipynb #4a5eb1f1
-def plot_tsne(res: dict):
-    "t-SNE of the landmark descriptors, one panel per feature row, coloured by landmark; returns the Figure."
-    q = res['feature_quality']['rows']
-    keys = [k for k in feature_rows() if q.get(k) is not None]
-    fig, axs = plt.subplots(1, max(1, len(keys)), figsize=(3 * max(1, len(keys)), 3.1), squeeze=False)
-    for ax, k in zip(axs[0], keys):
-        e, lab = np.asarray(q[k]['tsne']), np.asarray(q[k]['labels'])
-        sc = ax.scatter(e[:, 0], e[:, 1], c=lab, cmap='tab10', vmin=0, vmax=9, s=6)
-        ax.set_title(f"{res['rows'][k]['label']}\nsilhouette {q[k]['silhouette']:.2f}", fontsize=8)
-        ax.set_xticks([]); ax.set_yticks([])
-    fig.suptitle(f"t-SNE of landmark descriptors (colour = landmark), {res['dataset']} test", fontsize=9)
-    fig.tight_layout()
-    return fig
-
-# %% ../nbs/14_evaluate.ipynb #6c89c34e
-def plot_limited(res: dict):
-    "Error % against the number of training images: ours (mean ± std per row) and, dashed, the paper's; returns the Figure."
-    lim, fig = res['limited'], plt.figure(figsize=(5.2, 3.4))
-    ax = fig.gca()
-    for k, r in lim['rows'].items():
-        if r is None: continue
-        ns = [int(n) for n in r]; mu = np.array([r[n]['mean'] for n in r]); sd = np.array([r[n]['std'] for n in r])
-        ax.errorbar(ns, mu, yerr=sd, marker='o', capsize=3, label=f"ours: {res['rows'][k]['label']}")
-    pl = res['paper']['limited']
-    ax.plot(list(map(int, pl['errors'])), list(pl['errors'].values()), 'k--', marker='s', ms=4,
-            label=f"paper, {pl['dataset']}, {pl['dim']}-d (DeiT-T)")
-    ax.set_xscale('log'); ax.set_xlabel('labelled training images'); ax.set_ylabel('inter-ocular error %')
-    ax.set_title(f"limited annotations ({res['dataset']}; ours: {lim['repeats']} draws each)", fontsize=9)
-    ax.legend(fontsize=7); fig.tight_layout()
-    return fig
-
-# %% ../nbs/14_evaluate.ipynb #b6678489
-def figure_preview(path, width: int = 720, quality: int = 85):
-    "A saved figure for a notebook's outputs: scaled to `width` px and re-encoded as JPEG (a fraction of the PNG's bytes)."
-    from io import BytesIO
-    from IPython.display import Image as IPImage
-    from PIL import Image as PILImage
-    im = PILImage.open(path).convert('RGB')
-    if im.width > width: im = im.resize((width, round(im.height * width / im.width)), PILImage.LANCZOS)
-    buf = BytesIO(); im.save(buf, 'JPEG', quality=quality)
-    return IPImage(data=buf.getvalue(), format='jpeg', width=width)
 
 # %% ../nbs/14_evaluate.ipynb #6182f74e
 def data_fingerprint(ds) -> dict:

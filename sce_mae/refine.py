@@ -37,7 +37,7 @@ class Variant:
     loss: str       # a key of LOSSES: 'lcr' (chapter 09) or 'dve' (DVE's equivariance loss)
     tokens: str     # a key of TOKEN_SETS ('selected': CARB's set, chapter 08; 'all': every token) or 'views' (two TPS views)
     title: str      # the pipeline's line for its stage (chapter 15)
-    label: str      # its row in the evaluation's tables (chapter 14)
+    label: str      # its row in the evaluation's tables (chapter 13a)
 
     @property
     def folder(self) -> str:

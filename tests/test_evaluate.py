@@ -12,9 +12,9 @@ from sce_mae.dense import DenseFeatures
 from sce_mae.refine import load_refined
 from sce_mae.datasets import get_dataset
 from sce_mae.matching import matching_views, matching_eval, same_location_baseline, MATCHERS
-from sce_mae.evaluate import (eval_rows, feature_rows, PAPER_MATCHING, PAPER_DETECTION, PAPER_ABLATION, PAPER_LIMITED,
-                              evaluate_run, find_run, head, TokenMemo, limited_draws, limited_epochs, silhouette,
-                              landmark_descriptors, threads_limit, results_markdown, main)
+from sce_mae.results import (eval_rows, feature_rows, PAPER_MATCHING, PAPER_DETECTION, PAPER_ABLATION, PAPER_LIMITED,
+                             head, TokenMemo, limited_draws, limited_epochs, silhouette, landmark_descriptors, results_markdown)
+from sce_mae.evaluate import evaluate_run, find_run, threads_limit, main
 
 STRIP = ('timings', 'machine', 'out')
 
