@@ -36,7 +36,7 @@ class Variant:
     name: str
     loss: str       # a key of LOSSES: 'lcr' (chapter 09) or 'dve' (DVE's equivariance loss)
     tokens: str     # a key of TOKEN_SETS ('selected': CARB's set, chapter 08; 'all': every token) or 'views' (two TPS views)
-    title: str      # the pipeline's line for its stage (chapter 15)
+    title: str      # the pipeline's line for its stage (chapter 14a)
     label: str      # its row in the evaluation's tables (chapter 13a)
 
     @property

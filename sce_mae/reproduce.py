@@ -4,404 +4,22 @@
 
 # %% ../nbs/15_reproduce.ipynb #c5f5960e
 from __future__ import annotations
-import argparse, json, os, platform, shutil, subprocess, sys, time
-from dataclasses import dataclass
-from datetime import datetime
+import argparse, json, os, sys, time
 from pathlib import Path
-import numpy as np
 import torch
-from .config import (Profile, ProfileError, load_profile, get_device, load_checkpoint, add_run_args, parse_run_args,
-                            cli, writable_dir, check_device, CheckpointError, set_threads, weights_sha256, write_atomic)
+from .config import (Profile, load_profile, load_checkpoint, add_run_args, parse_run_args, cli, writable_dir,
+                            check_device, CheckpointError, set_threads, weights_sha256)
 from .mae import load_mae
 from .pretrain import pretrain, backbones_dir, shipped_backbone, install_backbone
 from .training import load_frames
-from .refine import refine_modes, token_mode_names, VARIANTS, REFINED, file_sha256, check_backbone
+from .refine import refine_modes, token_mode_names, file_sha256, check_backbone
 from .evaluate import evaluate_run, _eval_data
-from .synth import _cpu_name
-import matplotlib.pyplot as plt
-from matplotlib.patches import Rectangle
+from .runs import (Stage, stages, stage_state, REPORT, RunMismatchError, check_run, environment, timestamp,
+                          load_average, read_runlog, write_runlog, hms, write_report)
 
 # %% auto #0
-__all__ = ['REPORT', 'RUN_FILES', 'WIDE_MARGIN', 'Stage', 'stages', 'stage_state', 'run_status', 'show_pipeline',
-           'RunMismatchError', 'profile_diff', 'stored_profile', 'discard_run', 'check_run', 'environment',
-           'read_runlog', 'write_runlog', 'stage_totals', 'paper_point', 'show_training', 'write_report', 'preflight',
-           'run_profile_for', 'default_run', 'shared_refines', 'reproduce', 'usable_cores', 'recorded_threads',
+__all__ = ['preflight', 'run_profile_for', 'default_run', 'shared_refines', 'reproduce', 'usable_cores', 'recorded_threads',
            'choose_threads', 'main']
-
-# %% ../nbs/15_reproduce.ipynb #0b57a22e
-@dataclass(frozen=True)
-class Stage:
-    "One step of the pipeline: its name, its folder in the run, the final artefact that marks it done."
-    name: str
-    folder: str
-    artefact: str
-    title: str
-    mode: str | None = None          # the refine mode, for the refine stages
-
-# %% ../nbs/15_reproduce.ipynb #2b331124
-def stages() -> tuple:
-    "The pipeline's stages in order: pretraining, one per stage-2 variant registered now, the evaluation."
-    return (Stage('pretrain', 'pretrain', 'mae.pt', 'stage 1: MAE pretraining'),
-            *(Stage(v.folder, v.folder, REFINED, v.title, k) for k, v in VARIANTS.items()),
-            Stage('evaluate', 'eval', 'results.json', 'evaluation: matching, detection, feature quality, every baseline'))
-
-REPORT = 'report'
-RUN_FILES = ('profile.json', 'run.json')
-
-def stage_state(run, stage: Stage) -> str:
-    "'done' (final artefact present), 'partial' (a checkpoint or some output, no final artefact) or 'todo'."
-    d = Path(run) / stage.folder
-    if (d / stage.artefact).is_file(): return 'done'
-    if (d / 'checkpoint.pt').is_file() or (stage.name == 'evaluate' and d.is_dir() and any(d.iterdir())): return 'partial'
-    return 'todo'
-
-# %% ../nbs/15_reproduce.ipynb #112631c2
-def run_status(run) -> dict:
-    "{stage name: state} of every stage of the run folder `run`."
-    return {s.name: stage_state(run, s) for s in stages()}
-
-# %% ../nbs/15_reproduce.ipynb #f6bef424
-_STATE_COLOURS = {'done': '#8fd18f', 'partial': '#f5d76e', 'todo': '#dddddd', None: '#cfe0f5'}
-
-def show_pipeline(status: dict | None = None, title: str | None = None):
-    "The pipeline as boxes and arrows, each stage coloured by its state in `status` (from `run_status`)."
-    status = status or {}
-    fig, ax = plt.subplots(figsize=(9, 2.9))
-    boxes = {'data': (0.5, 1.5, 'training images\n(SynthFaces or a\nreal train split)'),
-             'pretrain': (2.4, 1.5, 'pretrain\nMAE -> mae.pt'),
-             'refine_sce': (4.6, 2.5, 'refine: sce\n(the method)'),
-             'refine_no_cluster': (4.6, 1.5, 'refine: no_cluster\n(ablation)'),
-             'refine_dve': (4.6, 0.5, "refine: dve\n(the peers' loss)"),
-             'evaluate': (6.8, 1.5, 'evaluate\nmatching, detection,\nbaselines'),
-             'report': (8.7, 1.5, 'report/\nreport.md')}
-    for k, (x, y, text) in boxes.items():
-        st = status.get(k)
-        ax.add_patch(Rectangle((x - 0.85, y - 0.4), 1.7, 0.8, fc=_STATE_COLOURS.get(st, _STATE_COLOURS[None]), ec='k', lw=1))
-        ax.text(x, y, text + (f'\n[{st}]' if st else ''), ha='center', va='center', fontsize=7.5)
-    arrows = [('data', 'pretrain'), ('pretrain', 'refine_sce'), ('pretrain', 'refine_no_cluster'), ('pretrain', 'refine_dve'),
-              ('refine_sce', 'evaluate'), ('refine_no_cluster', 'evaluate'), ('refine_dve', 'evaluate'), ('evaluate', 'report')]
-    for a, b in arrows:
-        (xa, ya, _), (xb, yb, _) = boxes[a], boxes[b]
-        ax.annotate('', (xb - 0.87, yb), (xa + 0.87, ya), arrowprops=dict(arrowstyle='->', lw=1))
-    ax.annotate('', (6.8 - 0.5, 1.92), (2.4 + 0.5, 1.92), arrowprops=dict(arrowstyle='->', lw=0.8, ls=':',
-                connectionstyle='arc3,rad=-0.5'))
-    ax.text(4.6, 3.25, 'raw MAE features (stage 1 only) are evaluated too (dotted)', ha='center', fontsize=7, style='italic')
-    ax.set_xlim(-0.5, 9.7); ax.set_ylim(-0.05, 3.45); ax.axis('off')
-    ax.set_title(title or 'sce-mae-reproduce: the stages of a run', fontsize=10)
-    fig.tight_layout()
-    return fig
-
-# %% ../nbs/15_reproduce.ipynb #e8b7094e
-class RunMismatchError(ValueError):
-    "The run folder holds a run of another profile (or seed, or dataset)."
-
-def _norm_profile(d: dict) -> dict:
-    "A profile dict as `Profile.to_dict` writes it (tuples, parsed types), for comparison."
-    return Profile.from_dict(dict(d)).to_dict()
-
-def profile_diff(a: dict, b: dict) -> list[str]:
-    "Keys whose values differ between two profile dicts (missing keys count as different)."
-    try: a, b = _norm_profile(a), _norm_profile(b)
-    except ProfileError: pass
-    return sorted(k for k in set(a) | set(b) if a.get(k, '<missing>') != b.get(k, '<missing>'))
-
-# %% ../nbs/15_reproduce.ipynb #750ff8c5
-def stored_profile(run) -> tuple[str, dict] | None:
-    "(where, profile dict) of the run in folder `run`: its profile.json, else the first stage checkpoint found; None if empty."
-    run = Path(run)
-    f = run / 'profile.json'
-    if f.is_file(): return str(f), json.loads(f.read_text())
-    for s in stages()[:-1]:
-        for name in (s.artefact, 'checkpoint.pt'):
-            g = run / s.folder / name
-            if g.is_file():
-                ck = load_checkpoint(g)
-                if isinstance(ck.get('profile'), dict): return str(g), ck['profile']
-    return None
-
-# %% ../nbs/15_reproduce.ipynb #aae6d955
-def discard_run(run) -> list[str]:
-    "Delete the run's stage folders, report and run files (nothing else in the folder); -> what was removed."
-    run, gone = Path(run), []
-    for name in [s.folder for s in stages()] + [REPORT]:
-        if (run / name).is_dir(): shutil.rmtree(run / name); gone.append(name + '/')
-    for name in RUN_FILES:
-        if (run / name).is_file(): (run / name).unlink(); gone.append(name)
-    return gone
-
-# %% ../nbs/15_reproduce.ipynb #8b884e71
-def check_run(run, profile: Profile, force: bool = False, say=print) -> None:
-    "Raise `RunMismatchError` if folder `run` holds a run of another profile; with `force`, discard that run."
-    found = stored_profile(run)
-    if found is None: return
-    where, d = found
-    diff = profile_diff(d, profile.to_dict())
-    if not diff: return
-    shown = ', '.join(f"{k} ({d.get(k)!r} there, {profile.to_dict().get(k)!r} asked)" for k in diff[:6])
-    if not force:
-        raise RunMismatchError(f"{run} holds a run of profile {d.get('name')!r} ({where}); it differs from the asked profile "
-                               f"{profile.name!r} in {len(diff)} key(s): {shown}{' ...' if len(diff) > 6 else ''}. "
-                               f"Choose another --out, or pass --force (force=True) to discard that run and start afresh")
-    say(f"--force: discarding the run of profile {d.get('name')!r} in {run}: removed {', '.join(discard_run(run))}")
-
-# %% ../nbs/15_reproduce.ipynb #387ceb0b
-def _git(*args) -> str | None:
-    "Output of a git command in the checkout the package was imported from (None if it is not one)."
-    import sce_mae
-    repo = Path(sce_mae.__file__).resolve().parent.parent
-    if not (repo / '.git').exists(): return None
-    try:
-        r = subprocess.run(['git', '-C', str(repo), *args], capture_output=True, text=True, timeout=10)
-        return r.stdout.strip() if r.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError): return None
-
-# %% ../nbs/15_reproduce.ipynb #7e1955e6
-def _mem_gb() -> float | None:
-    try:
-        for line in open('/proc/meminfo'):
-            if line.startswith('MemTotal'): return round(int(line.split()[1]) / 2 ** 20, 1)
-    except OSError: pass
-    return None
-
-# %% ../nbs/15_reproduce.ipynb #acd1b5db
-def environment(device=None) -> dict:
-    "Versions (python, torch, timm, numpy, sce_mae, git commit) and machine (CPU, cores, memory, GPU, threads, load)."
-    import timm, sce_mae
-    commit = _git('rev-parse', 'HEAD')
-    dirty = bool(_git('status', '--porcelain', '--untracked-files=no')) if commit else None
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    try: usable = len(os.sched_getaffinity(0))
-    except AttributeError: usable = os.cpu_count()
-    return dict(
-        versions=dict(python=platform.python_version(), torch=torch.__version__, timm=timm.__version__,
-                      numpy=np.__version__, sce_mae=sce_mae.__version__, git_commit=commit, git_dirty=dirty),
-        machine=dict(platform=platform.platform(), cpu=_cpu_name(), cores=os.cpu_count(), cores_usable=usable,
-                     memory_gb=_mem_gb(), gpus=gpus, device=str(get_device(device)), torch_threads=torch.get_num_threads(),
-                     load_average=[round(x, 2) for x in os.getloadavg()] if hasattr(os, 'getloadavg') else None))
-
-# %% ../nbs/15_reproduce.ipynb #9008a45f
-def _now() -> str: return datetime.now().isoformat(timespec='seconds')
-
-def _load() -> list | None: return [round(x, 2) for x in os.getloadavg()] if hasattr(os, 'getloadavg') else None
-
-def read_runlog(run) -> dict:
-    "The run's `run.json` (a fresh one if absent)."
-    f = Path(run) / 'run.json'
-    return json.loads(f.read_text()) if f.is_file() else dict(invocations=[], eval_inputs=None)
-
-# %% ../nbs/15_reproduce.ipynb #dffa2e80
-def write_runlog(run, log: dict) -> None:
-    f = Path(run) / 'run.json'
-    write_atomic(f, json.dumps(log, indent=1).encode())
-
-# %% ../nbs/15_reproduce.ipynb #43b8805c
-def stage_totals(log: dict) -> dict:
-    "Per stage: wall and CPU seconds summed over the invocations that ran or resumed it, and its last action."
-    tot = {}
-    for inv in log['invocations']:
-        for name, r in inv['stages'].items():
-            t = tot.setdefault(name, dict(wall_s=0.0, cpu_s=0.0, runs=0, last=None, finished=None))
-            t['last'] = r['action']
-            if r['action'] in ('ran', 'resumed') and r.get('wall_s') is not None:
-                t['wall_s'] += r['wall_s']; t['cpu_s'] += r['cpu_s']; t['runs'] += 1; t['finished'] = r.get('finished')
-    return tot
-
-# %% ../nbs/15_reproduce.ipynb #161131a1
-def _hms(s) -> str:
-    if s is None: return '-'
-    s = float(s)
-    return f'{s:.1f} s' if s < 60 else f'{int(s // 60)} min {s % 60:02.0f} s'
-
-# %% ../nbs/15_reproduce.ipynb #b93baeee
-WIDE_MARGIN = 0.3   # "beats the same-location baseline by a wide margin": at least 30% lower error
-
-def _get(d, *keys):
-    for k in keys:
-        if not isinstance(d, dict) or d.get(k) is None: return None
-        d = d[k]
-    return d
-
-# %% ../nbs/15_reproduce.ipynb #d9e67739
-def paper_point(results: dict, matcher: str = 'paper') -> list[dict]:
-    "The paper's claims checked on a run's results: [dict(claim, ours, other, other_name, holds, core)]; holds None if a number is missing."
-    m = lambda row, ident: _get(results, 'matching', 'rows', row, matcher, ident)
-    d = lambda row: _get(results, 'detection', 'rows', row, 'error')
-    def check(claim, ours, other, other_name, core, factor=1.0):
-        holds = None if ours is None or other is None else bool(ours < factor * other)
-        return dict(claim=claim, ours=ours, other=other, other_name=other_name, holds=holds, core=core)
-    return [
-        check('matching, different identity: SCE-MAE beats raw MAE features', m('sce', 'different'), m('mae', 'different'),
-              'raw MAE', True),
-        check(f'matching, different identity: SCE-MAE beats same-location by a wide margin (>= {int(100 * WIDE_MARGIN)}% lower)',
-              m('sce', 'different'), m('same_location', 'different'), 'same-location', True, 1 - WIDE_MARGIN),
-        check('detection: SCE-MAE beats raw MAE features', d('sce'), d('mae'), 'raw MAE', True),
-        check('matching, different identity: SCE-MAE beats the DVE loss', m('sce', 'different'), m('dve', 'different'),
-              'DVE loss', False),
-        check('matching, different identity: clustering helps (SCE-MAE beats no_cluster)', m('sce', 'different'),
-              m('no_cluster', 'different'), 'no_cluster', False),
-        check('detection: SCE-MAE beats the DVE loss', d('sce'), d('dve'), 'DVE loss', False),
-        check('matching, same identity: SCE-MAE beats raw MAE features', m('sce', 'same'), m('mae', 'same'), 'raw MAE', False),
-    ]
-
-# %% ../nbs/15_reproduce.ipynb #94a49667
-def show_training(run, title: str | None = None):
-    "Loss per step of pretraining and of each refinement in run folder `run` (what exists of them)."
-    run = Path(run)
-    logs = [(s, run / s.folder / 'log.json') for s in stages()[:-1]]
-    logs = [(s, json.loads(f.read_text())) for s, f in logs if f.is_file()]
-    fig, axs = plt.subplots(1, max(1, len(logs)), figsize=(2.9 * max(1, len(logs)), 2.6), squeeze=False)
-    for ax, (s, lg) in zip(axs[0], logs):
-        st, spe = lg['steps'], max(1, lg['steps_per_epoch'])
-        ax.plot([x['step'] / spe for x in st], [x['loss'] for x in st], lw=0.7, alpha=0.6)
-        ax.plot([e['epoch'] - 0.5 for e in lg['epochs']], [e['loss'] for e in lg['epochs']], 'o-', ms=3)
-        ax.set_title(s.name, fontsize=9); ax.set_xlabel('epoch', fontsize=8); ax.tick_params(labelsize=7)
-    if logs: axs[0, 0].set_ylabel('loss', fontsize=8)
-    fig.suptitle(title or 'training losses (per step, and epoch means)', fontsize=10)
-    fig.tight_layout()
-    return fig
-
-# %% ../nbs/15_reproduce.ipynb #05900560
-_FIG_EXT = ('.png', '.svg', '.jpg', '.pdf')
-
-def _copy_figures(src: Path, dst: Path) -> list[Path]:
-    "Copy the figures under `src` (recursively) into `dst`, nested names flattened with '_'; -> the copies."
-    out = []
-    if not src.is_dir(): return out
-    for f in sorted(src.rglob('*')):
-        if f.is_file() and f.suffix.lower() in _FIG_EXT:
-            g = dst / '_'.join(f.relative_to(src).parts)
-            shutil.copy2(f, g); out.append(g)
-    return out
-
-# %% ../nbs/15_reproduce.ipynb #5913c106
-def _embed_results(md: str) -> str:
-    "results.md of the evaluation as a section of report.md: headings one level down, its own figure list dropped."
-    out = []
-    for line in md.split('\n## Figures')[0].splitlines():
-        out.append('#' + line if line.startswith('#') else line)
-    out.insert(1, '\nThe tables of `sce_mae.evaluate` ([results.md](results.md), [results.json](results.json)). Every row '
-                  'of the tables titled *Ours* was computed in this run; the tables titled *Paper* quote the paper.')
-    return '\n'.join(out).strip()
-
-# %% ../nbs/15_reproduce.ipynb #199b8a39
-def _caption(name: str) -> str:
-    return Path(name).stem.replace('_', ' ')
-
-# %% ../nbs/15_reproduce.ipynb #64683646
-def write_report(run, env: dict | None = None) -> Path:
-    "Write `RUN/report/` (report.md, results, figures, profile, environment, timings) from run folder `run`; -> report.md."
-    run = Path(run); rep = run / REPORT
-    figs = rep / 'figures'
-    if rep.exists(): shutil.rmtree(rep)
-    figs.mkdir(parents=True)
-    log = read_runlog(run)
-    env = env or (log['invocations'][-1].get('environment') if log['invocations'] else None) or environment()
-    prof = json.loads((run / 'profile.json').read_text()) if (run / 'profile.json').is_file() else (stored_profile(run) or (None, {}))[1]
-    (rep / 'profile.json').write_text(json.dumps(prof, indent=1))
-    (rep / 'environment.json').write_text(json.dumps(env, indent=1))
-    totals = stage_totals(log)
-    (rep / 'timings.json').write_text(json.dumps(dict(stages=totals, invocations=[{k: v for k, v in inv.items() if k != 'environment'}
-                                                                                   for inv in log['invocations']]), indent=1))
-    ev = run / 'eval'
-    results, results_md = None, None
-    if (ev / 'results.json').is_file():
-        shutil.copy2(ev / 'results.json', rep / 'results.json'); results = json.loads((ev / 'results.json').read_text())
-    eval_figs = _copy_figures(ev, figs)
-    if (ev / 'results.md').is_file():
-        results_md = (ev / 'results.md').read_text()
-        fixed = results_md
-        for g in eval_figs: fixed = fixed.replace(f"]({g.name})", f"](figures/{g.name})")
-        (rep / 'results.md').write_text(fixed)
-    for name, fig in (('pipeline.png', show_pipeline(run_status(run), 'the stages of this run')),
-                      ('training.png', show_training(run))):
-        fig.savefig(figs / name, dpi=110, bbox_inches='tight'); plt.close(fig)
-    (rep / 'report.md').write_text(_report_md(run, prof, env, log, totals, results, results_md, eval_figs))
-    return rep / 'report.md'
-
-# %% ../nbs/15_reproduce.ipynb #a35c097a
-def _stage1_line(run, prof) -> str:
-    "Where the run's stage 1 came from, for the report."
-    f = Path(run) / 'pretrain' / 'mae.pt'
-    if not f.is_file(): return 'Stage 1: not trained yet.'
-    bp = load_checkpoint(f)['profile']
-    n = f"{bp['n_train']:,}" if bp.get('n_train') else 'all the'                   # n_train 0: every training image
-    how = f"`sce-mae-pretrain --profile {bp['name']}`: {bp['pre_epochs']} epochs of {n} {bp['dataset']} training images"
-    bb = prof.get('backbone', 'scratch')
-    if bb == 'scratch': return f"Stage 1: trained in this run ({how})."
-    return (f"Stage 1: the kit's shipped `{bb}` backbone (`sce_mae/backbones/{bb}/`, SHA-256 `{file_sha256(f)[:16]}...`), "
-            f"trained by {how}; its README says how to retrain it. `sce-mae-reproduce --from-scratch` trains stage 1 in "
-            f"the run instead (the profile's own {prof.get('pre_epochs')} epochs).")
-
-# %% ../nbs/15_reproduce.ipynb #9d48c38d
-# Long by design: the report's sections one after the other.
-def _report_md(run, prof, env, log, totals, results, results_md, eval_figs) -> str:
-    L = []
-    name, ds = prof.get('name', '?'), prof.get('dataset', '?')
-    invs = log['invocations']
-    first, last = (invs[0], invs[-1]) if invs else ({}, {})
-    L += [f"# SCE-MAE reproduction: profile `{name}`, data `{ds}` (evaluation: `{prof.get('eval_dataset', '?')}`)", '',
-          f"Run folder `{Path(run).resolve()}`. Written {_now()} by `sce_mae.reproduce` {env['versions']['sce_mae']}.", '']
-    if last:
-        L += [f"Command (latest invocation): `{last.get('command', '?')}`", '',
-              f"First started {first.get('started', '?')}; {len(invs)} invocation(s); latest {last.get('started', '?')} -> "
-              f"{last.get('finished') or 'not finished'} ({last.get('status', '?')}).", '']
-    L += [_stage1_line(run, prof), '']
-    # verdict
-    L += ['## The paper\'s point on this run', '']
-    if results is None:
-        L += ['No `results.json` yet: the evaluation has not finished.', '']
-    else:
-        checks = paper_point(results)
-        L += ['| claim | ours (SCE-MAE) | compared with | holds |', '|---|---|---|---|']
-        fmt = lambda v: '-' if v is None else f'{v:.2f}'
-        for c in checks:
-            h = {True: 'yes', False: '**no**', None: 'n/a'}[c['holds']]
-            also = '' if c['core'] else " (also the paper's)"
-            L.append(f"| {c['claim']}{also} | {fmt(c['ours'])} | "
-                     f"{fmt(c['other'])} ({c['other_name']}) | {h} |")
-        core = [c['holds'] for c in checks if c['core']]
-        L += ['', ('**The run makes the paper\'s point**: ' if all(core) else '**The run does not make the paper\'s point**: ')
-              + f"{sum(bool(x) for x in core)} of the {len(core)} core claims hold. Matching errors in pixels of DVE's 70x70 "
-              f"frame (paper matcher), detection errors in % of the inter-ocular distance; lower is better.", '']
-    if results_md:
-        L += [_embed_results(results_md), '']
-    else:
-        L += ['## Results', '', '(not evaluated yet)', '']
-    L += ['## Figures', '', '![the stages of this run](figures/pipeline.png)', '',
-          '![training losses](figures/training.png)', '']
-    for g in eval_figs: L += [f"![{_caption(g.name)}](figures/{g.name})", '']
-    L += ['## Time per stage', '',
-          'Wall-clock and CPU seconds (all threads of the process) summed over the invocations that ran or resumed the '
-          'stage. On a shared machine the CPU seconds are the better measure: a quiet machine with n cores needs about '
-          'CPU s / (0.85 n) of wall-clock time.', '',
-          '| stage | what | latest action | wall | CPU | finished |', '|---|---|---|---|---|---|']
-    titles = {s.name: s.title for s in stages()}
-    titles['data'] = 'render or load the training images'
-    for k, t in totals.items():
-        L.append(f"| {k} | {titles.get(k, '')} | {t['last']} | {_hms(t['wall_s'] if t['runs'] else None)} | "
-                 f"{_hms(t['cpu_s'] if t['runs'] else None)} | {t['finished'] or '-'} |")
-    tw = sum(t['wall_s'] for t in totals.values()); tc = sum(t['cpu_s'] for t in totals.values())
-    L += [f"| **total** | | | **{_hms(tw)}** | **{_hms(tc)}** | |", '']
-    if invs:
-        L += ['Invocations (load average = runnable processes, 1/5/15 min; above the core count the machine was shared):', '']
-        for inv in invs:
-            L.append(f"- {inv.get('started')} -> {inv.get('finished') or '(killed or running)'}: {inv.get('status')}, "
-                     f"threads {inv.get('threads')}, load {inv.get('load_start')} -> {inv.get('load_end')}; "
-                     + ', '.join(f"{k} {v['action']}" for k, v in inv['stages'].items()))
-        L.append('')
-    m, v = env['machine'], env['versions']
-    L += ['## Machine and versions', '',
-          f"- machine: {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable), {m['memory_gb']} GB, "
-          f"GPU: {', '.join(m['gpus']) or 'none'}; device `{m['device']}`, {m['torch_threads']} torch threads; {m['platform']}",
-          f"- versions: Python {v['python']}, torch {v['torch']}, timm {v['timm']}, numpy {v['numpy']}, sce_mae {v['sce_mae']}; "
-          f"git commit {v['git_commit'] or 'unknown'}{' (with uncommitted changes)' if v['git_dirty'] else ''}",
-          f"- seeds: run seed {prof.get('seed')} (pretraining, refinement, evaluation draws); matching views: TPS seed 0 "
-          f"(DVE's protocol)", '',
-          '## Profile', '', f"[profile.json](profile.json); the values that shape the run:", '']
-    keys = ['backbone', 'n_train', 'embed_dim', 'depth', 'num_heads', 'pre_epochs', 'pre_batch', 'pre_base_lr', 'eta', 'k_c', 'tau',
-            'proj_dim', 'ref_epochs', 'ref_batch', 'ref_lr', 'eval_stride', 'match_images', 'det_train', 'det_epochs']
-    L += ['| key | value |', '|---|---|'] + [f"| {k} | {prof.get(k)} |" for k in keys if k in prof] + ['']
-    return '\n'.join(L)
 
 # %% ../nbs/15_reproduce.ipynb #04fecd92
 def preflight(run, p: Profile, root=None) -> None:
@@ -480,8 +98,8 @@ def reproduce(profile: Profile | str | None = 'demo', out=None, dataset: str | N
     if first is not None and first != torch.get_num_threads():
         say(f"note: this run started with {first} threads, this invocation uses {torch.get_num_threads()}: "
             f"its numbers can differ in the last digits from a run that keeps one count (--threads {first})")
-    inv = dict(started=_now(), finished=None, status='running', command=command or f"reproduce(profile={p.name!r}, out={str(run)!r})",
-               threads=torch.get_num_threads(), load_start=_load(), load_end=None, environment=env, stages={})
+    inv = dict(started=timestamp(), finished=None, status='running', command=command or f"reproduce(profile={p.name!r}, out={str(run)!r})",
+               threads=torch.get_num_threads(), load_start=load_average(), load_end=None, environment=env, stages={})
     log['invocations'].append(inv)
     write_runlog(run, log)
     n, t_start = len(stages()) + 1, time.perf_counter()
@@ -490,11 +108,11 @@ def reproduce(profile: Profile | str | None = 'demo', out=None, dataset: str | N
     frames, shared = None, {}   # refine stages trained in another stage's loop: name -> that stage
 
     def timed(name, action, fn):
-        inv['stages'][name] = dict(action='running', started=_now())
+        inv['stages'][name] = dict(action='running', started=timestamp())
         write_runlog(run, log)
         w, c = time.perf_counter(), time.process_time()
         res = fn()
-        inv['stages'][name] = dict(action=action, started=inv['stages'][name]['started'], finished=_now(),
+        inv['stages'][name] = dict(action=action, started=inv['stages'][name]['started'], finished=timestamp(),
                                    wall_s=round(time.perf_counter() - w, 2), cpu_s=round(time.process_time() - c, 2))
         write_runlog(run, log)
         return res
@@ -543,23 +161,23 @@ def reproduce(profile: Profile | str | None = 'demo', out=None, dataset: str | N
                 timed(s.name, what, lambda: refine_modes(p, run / 'pretrain' / 'mae.pt', outs, root=root, resume=resume,
                                                          device=device, seed=p.seed, frames=frames, progress=progress))
                 for g in group:
-                    inv['stages'][g.name] = dict(action=f'ran with {s.name}', finished=_now()); shared[g.name] = s.name
+                    inv['stages'][g.name] = dict(action=f'ran with {s.name}', finished=timestamp()); shared[g.name] = s.name
                 if group: write_runlog(run, log)
             else:
                 timed(s.name, what, lambda: evaluate_run(run, p, root=root, out=d, seed=p.seed, progress=progress,
                                                          device=device))
                 log['eval_inputs'] = _sha_inputs(run)
-            say(f"      {s.name}: {what} in {_hms(inv['stages'][s.name]['wall_s'])} "
-                f"({_hms(inv['stages'][s.name]['cpu_s'])} CPU)")
+            say(f"      {s.name}: {what} in {hms(inv['stages'][s.name]['wall_s'])} "
+                f"({hms(inv['stages'][s.name]['cpu_s'])} CPU)")
         _banner(n, n, 'report', f"writing {run / REPORT}", say)
-        inv.update(finished=_now(), status='finished', load_end=_load())
+        inv.update(finished=timestamp(), status='finished', load_end=load_average())
         write_runlog(run, log)
         md = write_report(run, env)
     except BaseException as e:
-        inv.update(status=f'failed: {type(e).__name__}: {str(e)[:300]}', finished=_now(), load_end=_load())
+        inv.update(status=f'failed: {type(e).__name__}: {str(e)[:300]}', finished=timestamp(), load_end=load_average())
         write_runlog(run, log)
         raise
-    say(f"done in {_hms(time.perf_counter() - t_start)}: {md}")
+    say(f"done in {hms(time.perf_counter() - t_start)}: {md}")
     return md
 
 # %% ../nbs/15_reproduce.ipynb #c538cc92

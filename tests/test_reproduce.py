@@ -6,7 +6,8 @@ import pytest
 import torch
 from sce_mae.config import load_profile, load_checkpoint
 from sce_mae.pretrain import pretrain
-from sce_mae.reproduce import stages, REPORT, run_status, check_run, main, paper_point
+from sce_mae.runs import stages, REPORT, run_status, check_run, paper_point
+from sce_mae.reproduce import main
 
 REPO = Path(__file__).resolve().parent.parent
 EXE = shutil.which('sce-mae-reproduce') or str(Path(sys.executable).parent / 'sce-mae-reproduce')
