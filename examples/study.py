@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
-from sce_mae.config import load_profile, load_checkpoint, cache_dir
+from sce_mae.config import load_profile
+from sce_mae.runtime import load_checkpoint, cache_dir
 from sce_mae import mae as M
 from sce_mae.mae import MAE, load_mae, save_mae
 from sce_mae.pretrain import pretrain

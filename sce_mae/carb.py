@@ -13,7 +13,8 @@ from torch.utils._pytree import tree_flatten
 from torch.utils._python_dispatch import TorchDispatchMode
 from .split import split_tokens
 from .dpc import dpc_knn
-from .config import load_profile, bench_context, bench_note
+from .config import load_profile
+from .runtime import bench_context, bench_note
 from .mae import grid_positions
 
 # %% auto #0

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DataLoader
 from tqdm.auto import tqdm
-from .config import data_root, cache_dir, clean_leftovers
+from .runtime import data_root, cache_dir, clean_leftovers
 from .loaders import *                       # the loaders of appendix A2, re-exported: one import for a user
 from .loaders import _check_finite, _mtfl_dir, _need
 from .facegen import CROP                      # the input size of the frame geometry (appendix A1)

@@ -8,7 +8,7 @@ import math, time
 import torch
 import matplotlib.pyplot as plt
 from matplotlib.colors import ListedColormap
-from .config import bench_context, bench_note, sync_device
+from .runtime import bench_context, bench_note, sync_device
 
 
 # %% auto #0

@@ -13,9 +13,9 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 import matplotlib.pyplot as plt
 from . import __version__
-from .config import (Profile, load_profile, get_device, seed_everything, load_checkpoint, add_run_args,
-                            parse_run_args, cli, writable_dir, bench_context, threads_limit,
-                            set_threads)
+from .config import Profile, load_profile
+from .runtime import (get_device, seed_everything, load_checkpoint, add_run_args, parse_run_args, cli,
+                             writable_dir, bench_context, threads_limit, set_threads)
 from .datasets import get_dataset
 from .mae import MAE, load_mae, encoder_param_count
 from .refine import load_refined, check_backbone, file_sha256, VARIANTS

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
-from .config import data_root
+from .runtime import data_root
 
 # %% auto #0
 __all__ = ['MAFL_NAMES', 'DOT_COLOURS', 'W300_DOTS', 'MTFL_ATTRS', 'MTFL_BOX', 'W300_SETS', 'REGISTRY', 'DataError',

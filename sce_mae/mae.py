@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from timm.models.vision_transformer import Block, PatchEmbed
 from timm.layers import LayerNorm
-from .config import Profile, load_profile, need_profile, load_checkpoint, save_checkpoint
+from .config import Profile, load_profile, need_profile
+from .runtime import load_checkpoint, save_checkpoint
 
 # %% auto #0
 __all__ = ['MEAN', 'STD', 'patchify', 'unpatchify', 'show_patches', 'grid_positions', 'grid_centres', 'unit_centres', 'to_unit',

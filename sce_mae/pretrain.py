@@ -10,9 +10,10 @@ import torch
 import torch.nn as nn
 import torch.distributed as dist
 from tqdm.auto import tqdm
-from .config import (Profile, load_profile, get_device, seed_everything, save_checkpoint, load_checkpoint,
-                            add_run_args, parse_run_args, cli, writable_dir, bench_context, bench_note, sync_device, file_sha256,
-                            set_threads, finished_run, write_atomic)
+from .config import Profile, load_profile
+from .runtime import (get_device, seed_everything, save_checkpoint, load_checkpoint, add_run_args,
+                             parse_run_args, cli, writable_dir, bench_context, bench_note, sync_device, file_sha256,
+                             set_threads, finished_run, write_atomic)
 from .training import (warmup_cosine, param_groups, adamw, load_frames, step_draws, augment, epoch_order, rng_state,
                               set_rng_state, StepLog)
 from .mae import MAE, save_mae, load_mae, reconstruct, show_reconstructions, show_attention, mae_step_gflop

@@ -11,9 +11,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from .config import (Profile, load_profile, need_profile, get_device, seed_everything, save_checkpoint, load_checkpoint,
-                            add_run_args, parse_run_args, cli, writable_dir, bench_context, bench_note, file_sha256,
-                            sync_device, finished_run)
+from .config import Profile, load_profile, need_profile
+from .runtime import (get_device, seed_everything, save_checkpoint, load_checkpoint, add_run_args,
+                             parse_run_args, cli, writable_dir, bench_context, bench_note, file_sha256, sync_device,
+                             finished_run)
 from .mae import MAE, load_mae, grid_positions, cell_centres
 from .training import (warmup_cosine, adamw, StepLog, load_frames, epoch_order, step_draws, augment,
                               seeded_generator, rng_state, set_rng_state)

@@ -7,8 +7,9 @@ from __future__ import annotations
 import argparse, json, os, sys, time
 from pathlib import Path
 import torch
-from .config import (Profile, load_profile, load_checkpoint, add_run_args, parse_run_args, cli, writable_dir,
-                            check_device, CheckpointError, set_threads, weights_sha256)
+from .config import Profile, load_profile
+from .runtime import (load_checkpoint, add_run_args, parse_run_args, cli, writable_dir, check_device,
+                             CheckpointError, set_threads, weights_sha256)
 from .mae import load_mae
 from .pretrain import pretrain, backbones_dir, shipped_backbone, install_backbone
 from .training import load_frames

@@ -11,7 +11,8 @@ from datetime import datetime
 from pathlib import Path
 import numpy as np
 import torch
-from .config import Profile, ProfileError, get_device, load_checkpoint, write_atomic
+from .config import Profile, ProfileError
+from .runtime import get_device, load_checkpoint, write_atomic
 from .refine import VARIANTS, REFINED, file_sha256
 from .synth import _cpu_name
 import matplotlib.pyplot as plt

@@ -81,7 +81,7 @@ def bench_synth(n: int = 300, size: int = CROP, full: bool = False, repeats: int
             wall.append(n / (time.perf_counter() - t)); cpu.append(n / max(1e-9, time.process_time() - c))
     finally:
         torch.set_num_threads(old)
-    from sce_mae.config import bench_context, threads_limit
+    from sce_mae.runtime import bench_context, threads_limit
     with threads_limit(1): ctx = bench_context()
     res = dict(images_per_s=max(wall), cpu_images_per_s=max(cpu), size=ds.img_size, n=n, repeats=repeats,
                cpu=_cpu_name(), nproc=os.cpu_count(), load=os.getloadavg()[0] if hasattr(os, 'getloadavg') else None,

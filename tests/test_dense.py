@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from sce_mae.config import load_profile, seed_everything
+from sce_mae.config import load_profile
+from sce_mae.runtime import seed_everything
 from sce_mae.mae import MAE
 from sce_mae.carb import Projector
 from sce_mae.dense import DenseFeatures, shifted_copies, interleave

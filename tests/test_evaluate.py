@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from sce_mae.config import load_profile, seed_everything
+from sce_mae.config import load_profile
+from sce_mae.runtime import seed_everything
 from sce_mae.synth import SynthFaces
 from sce_mae.mae import MAE
 from sce_mae.carb import Projector

@@ -1,7 +1,8 @@
 "The MAE beyond notebook 04: the count against timm, every CPU profile's widths, failure cases, foreign weight layouts."
 import pytest
 import torch
-from sce_mae.config import load_profile, seed_everything
+from sce_mae.config import load_profile
+from sce_mae.runtime import seed_everything
 from sce_mae.mae import MAE, encoder_param_count, load_mae, load_vit_state_dict, sincos_pos_embed, WeightLoadError
 from timm.models.vision_transformer import VisionTransformer
 

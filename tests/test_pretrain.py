@@ -3,7 +3,8 @@ import json, os, shutil, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
 import torch
-from sce_mae.config import load_profile, load_checkpoint, seed_everything
+from sce_mae.config import load_profile
+from sce_mae.runtime import load_checkpoint, seed_everything
 from conftest import write_settings
 from sce_mae.mae import MAE, load_mae
 from sce_mae.pretrain import pretrain_lr, make_optimizer, pretrain, bench_pretrain, official_step

@@ -3,7 +3,8 @@ import json, os, shutil, subprocess, sys
 from pathlib import Path
 import pytest
 import torch
-from sce_mae.config import load_profile, load_checkpoint, seed_everything
+from sce_mae.config import load_profile
+from sce_mae.runtime import load_checkpoint, seed_everything
 from sce_mae.pretrain import pretrain
 from sce_mae.training import load_frames, augment, step_draws
 from sce_mae.carb import Projector

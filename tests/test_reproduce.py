@@ -4,7 +4,8 @@ import json, re, shutil, subprocess, sys, time
 from pathlib import Path
 import pytest
 import torch
-from sce_mae.config import load_profile, load_checkpoint
+from sce_mae.config import load_profile
+from sce_mae.runtime import load_checkpoint
 from sce_mae.pretrain import pretrain
 from sce_mae.runs import stages, REPORT, run_status, check_run, paper_point
 from sce_mae.reproduce import main
@@ -162,7 +163,7 @@ def test_diagnose_script(run, tmp_path):
 
 def _toy_shipped(src: Path, root: Path, name='toy') -> Path:
     "A shipped-backbone folder `root/name` made of a run's stage-1 files, as `sce_mae/backbones/course/` is laid out."
-    from sce_mae.config import file_sha256
+    from sce_mae.runtime import file_sha256
     d = root / name; d.mkdir(parents=True)
     for f in ('mae.pt', 'log.json'): shutil.copyfile(src / f, d / f)
     (d / 'SHA256SUMS').write_text(''.join(f"{file_sha256(d / f)}  {f}\n" for f in ('mae.pt', 'log.json')))
@@ -172,7 +173,7 @@ def _toy_shipped(src: Path, root: Path, name='toy') -> Path:
 def test_a_shipped_backbone_is_copied_not_trained(run, tmp_path, monkeypatch):
     "A profile naming a shipped backbone starts stage 2 from it: stage 1 is copied (same bytes), the report names it."
     import sce_mae.pretrain as P
-    from sce_mae.config import file_sha256
+    from sce_mae.runtime import file_sha256
     from sce_mae.reproduce import reproduce
     src = _toy_shipped(run['out'] / 'pretrain', tmp_path / 'shipped')
     monkeypatch.setattr(P, 'backbones_dir', lambda: tmp_path / 'shipped')
