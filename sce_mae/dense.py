@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .config import Profile, load_profile, need_profile
+from .config import Profile, need_profile
 from .runtime import get_device, load_checkpoint, bench_context, bench_note, sync_device
 from .mae import MAE, load_mae, vit_gflop
 from .carb import Projector

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 import matplotlib.pyplot as plt
-from .config import Profile, load_profile, need_profile
+from .config import Profile, need_profile
 from .runtime import save_checkpoint, load_checkpoint, threads_limit
 from .mae import grid_centres, unit_centres, to_unit, from_unit
 from .matching import bump_features, random_conv_features

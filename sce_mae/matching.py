@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 import matplotlib.pyplot as plt
-from .config import Profile, load_profile, need_profile
+from .config import Profile, need_profile
 from .runtime import save_checkpoint, load_checkpoint
 from .tps import tps_pair
 from .mae import grid_centres, nearest_cell, to_unit

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
-from .config import Profile, load_profile
+from .config import Profile
 
 # %% auto #0
 __all__ = ['to_normalized', 'to_pixels', 'TPSParams', 'tps_params', 'control_points', 'Warp', 'compose', 'identity_warp',

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
-from .config import Profile, load_profile, need_profile
+from .config import Profile, need_profile
 
 # %% auto #0
 __all__ = ['warmup_cosine', 'param_groups', 'adamw', 'load_frames', 'seeded_generator', 'epoch_order', 'step_draws', 'augment',
