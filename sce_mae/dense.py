@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .config import Profile, need_profile
-from .runtime import get_device, load_checkpoint, bench_context, bench_note, sync_device
+from .runtime import get_device, load_checkpoint, bench_context, bench_note, peak_of, sync_device
 from .mae import MAE, load_mae, vit_gflop
 from .carb import Projector
 from .refine import load_refined
@@ -185,19 +185,19 @@ def encoder_gflop(profile: Profile, images: int = 1, stride: int | None = None) 
 
 # %% ../nbs/11_dense.ipynb #ba150a9c
 def bench_dense(mae: MAE, imgs: torch.Tensor, strides=STRIDES, projector=None, which=None, repeats: int = 3,
-                chunk: int | None = None, verbose: bool = True) -> dict:
-    "Images/s and GFLOP/s of `DenseFeatures` at each stride on `imgs` (best of `repeats` after a warm-up), beside the machine's peak."
+                chunk: int | None = None, amp: bool = False, verbose: bool = True) -> dict:
+    "Images/s and GFLOP/s of `DenseFeatures` at each stride on `imgs` (best of `repeats` after a warm-up), beside the machine's peak (`peak_of`)."
     dev = _device(mae); ctx = bench_context(dev)
     res = dict(img_per_s={}, gflop_s={}, pct_peak={}, **ctx)
     for s in strides:
-        df = DenseFeatures(mae, projector, stride=s, which=which, chunk=chunk)
+        df = DenseFeatures(mae, projector, stride=s, which=which, chunk=chunk, amp=amp)
         x = imgs.to(dev)
         df(x[:2]); best = float('inf')
         for _ in range(repeats):
             sync_device(dev); t0 = time.perf_counter(); df(x); sync_device(dev); best = min(best, time.perf_counter() - t0)
         res['img_per_s'][s] = len(x) / best
         res['gflop_s'][s] = encoder_gflop(mae.profile, len(x), s) / best
-        res['pct_peak'][s] = 100 * res['gflop_s'][s] / ctx['peak_gflop_s']
+        res['pct_peak'][s] = 100 * res['gflop_s'][s] / peak_of(ctx, amp)
         if verbose: print(f"stride {s} ({96 // s}x{96 // s}, {(8 // s) ** 2} passes): {res['img_per_s'][s]:.0f} img/s "
-                          f"[{bench_note(ctx, res['gflop_s'][s])}]")
+                          f"[{bench_note(ctx, res['gflop_s'][s], amp)}]")
     return res

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 from . import __version__
 from .config import Profile, load_profile
 from .runtime import (get_device, seed_everything, load_checkpoint, add_run_args, parse_run_args, cli,
-                             writable_dir, bench_context, threads_limit, set_threads)
+                             writable_dir, bench_context, peak_of, threads_limit, set_threads)
 from .datasets import get_dataset
 from .mae import MAE, load_mae, encoder_param_count
 from .refine import load_refined, check_backbone, file_sha256, VARIANTS
@@ -383,27 +383,29 @@ def main(argv=None):
 
 # %% ../nbs/14_evaluate.ipynb #abb0557b
 def bench_matching(profile: Profile | str = 'deit_tiny', dataset: str = 'mtfl', root=None, n: int = 1000,
-                   stride: int = 4, seed: int = 0, batch: int = 64, threads: int | None = None,
-                   progress: bool = False) -> dict:
-    "Seconds of one matching run (both matchers) on the first n test frames of `dataset`, random-init MAE of `profile`."
+                   stride: int = 4, seed: int = 0, batch: int = 64, threads: int | None = None, device=None,
+                   amp: bool = False, progress: bool = False) -> dict:
+    """Seconds of one matching run (both matchers, views included) on the first n test frames of `dataset`, random-init MAE
+    of `profile`, on `device`; `amp`: the features in bf16 autocast on CUDA (their % is then of the bf16 peak)."""
     p = load_profile(profile)
     _limiter = set_threads(threads)
-    ctx = bench_context()
+    dev = get_device(device); ctx = bench_context(dev)
     load0, t0 = os.getloadavg(), time.perf_counter()
     ds = get_dataset(dataset, 'test', root, n=n, size=p.img_size, full=True)
     views = matching_views(ds, p, n=n, seed=0, progress=progress)
     t_views = time.perf_counter() - t0
     seed_everything(seed)
-    mae = MAE(p).eval()
-    r = matching_eval(DenseFeatures(mae, stride=stride, which='stage1'), views=views, matcher=MATCHERS, batch=batch,
-                      progress=progress)
+    mae = MAE(p).to(dev).eval()
+    r = matching_eval(DenseFeatures(mae, stride=stride, which='stage1', amp=amp), views=views, matcher=MATCHERS, batch=batch,
+                      device=dev, progress=progress)
     s = r['seconds']
     n_feat = 3 * len(views['pairs'])
     gflop = encoder_gflop(p, n_feat, stride)
-    return dict(profile=p.name, dataset=dataset, n_images=views['n'], stride=stride, threads=torch.get_num_threads(),
-                encoder_params_m=encoder_param_count(mae) / 1e6, load_average_before=list(load0),
+    return dict(profile=p.name, dataset=dataset, n_images=views['n'], stride=stride, device=str(dev), amp=amp,
+                threads=torch.get_num_threads(), encoder_params_m=encoder_param_count(mae) / 1e6, load_average_before=list(load0),
                 load_average_after=list(os.getloadavg()), data_and_views_s=t_views, features_s=s['features'],
                 match_s=s['match'], matching_total_s=s['total'], total_s=t_views + s['total'],
                 feature_images=n_feat, feature_img_per_s=n_feat / s['features'],
-                tflop=gflop / 1e3, gflop_per_s=gflop / s['features'], pct_peak=100 * gflop / s['features'] / ctx['peak_gflop_s'],
-                peak_gflop_s=ctx['peak_gflop_s'], paper_same=r['paper']['same'], paper_different=r['paper']['different'])
+                tflop=gflop / 1e3, gflop_per_s=gflop / s['features'], pct_peak=100 * gflop / s['features'] / peak_of(ctx, amp),
+                **{k: v for k, v in ctx.items() if k.startswith('peak')},
+                paper_same=r['paper']['same'], paper_different=r['paper']['different'])

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 from .config import Profile, load_profile
 from .runtime import (get_device, seed_everything, save_checkpoint, load_checkpoint, add_run_args,
-                             parse_run_args, cli, writable_dir, bench_context, bench_note, sync_device, file_sha256,
+                             parse_run_args, cli, writable_dir, bench_context, bench_note, peak_of, sync_device, file_sha256,
                              set_threads, finished_run, write_atomic)
 from .training import (warmup_cosine, param_groups, adamw, load_frames, step_draws, augment, epoch_order, rng_state,
                               set_rng_state, StepLog)
@@ -181,10 +181,11 @@ def main(argv=None):
     ap.add_argument('--bench', type=int, nargs='?', const=10, default=None, metavar='STEPS',
                     help='time STEPS training steps (default 10) against the official MAE step instead of training')
     ap.add_argument('--batch', type=int, default=None, help="--bench: batch size (default: the profile's)")
+    ap.add_argument('--compile', action='store_true', help='--bench: also time the step on torch.compile of the model')
     a = parse_run_args(ap, argv)
     set_threads(a.threads)
     if a.bench is not None:
-        bench_pretrain(a.profile, steps=a.bench, batch=a.batch, device=a.device)
+        bench_pretrain(a.profile, steps=a.bench, batch=a.batch, device=a.device, compile=a.compile)
         return
     if not a.out: ap.error('--out DIR is required (unless --bench)')
     path = pretrain(a.profile, a.out, dataset=a.dataset, root=a.root, resume=a.resume, device=a.device,
@@ -193,16 +194,19 @@ def main(argv=None):
 
 # %% ../nbs/05_pretrain.ipynb #1519f425
 def official_step(model: nn.Module, opt: torch.optim.Optimizer, imgs: torch.Tensor, mask_ratio: float) -> torch.Tensor:
-    "One step as the official MAE loop runs it: forward on a ready batch, backward, `opt.step()`, `opt.zero_grad()`."
-    loss, _, _ = model(imgs, mask_ratio)
+    """One step as the official MAE loop runs it: forward on a ready batch (under autocast on CUDA, as the official loop's
+    mixed precision; bfloat16 here, as the kit's), backward, `opt.step()`, `opt.zero_grad()`."""
+    with torch.autocast(imgs.device.type, dtype=torch.bfloat16, enabled=imgs.device.type == 'cuda'):
+        loss, _, _ = model(imgs, mask_ratio)
     loss.backward()
     opt.step(); opt.zero_grad(set_to_none=True)
     return loss.detach()
 
 # %% ../nbs/05_pretrain.ipynb #318f4513
 def bench_pretrain(profile: Profile | str, steps: int = 10, batch: int | None = None, device=None,
-                   rounds: int = 3, warmup: int = 2, seed: int = 0, verbose: bool = True) -> dict:
-    "Training throughput (images/s) of the kit's `train_step` and of `official_step`, same model, same data; with FLOP rate and peak."
+                   rounds: int = 3, warmup: int = 2, seed: int = 0, compile: bool = False, verbose: bool = True) -> dict:
+    """Training throughput (images/s) of the kit's `train_step` and of `official_step`, same model, same data; with FLOP rate and
+    peak (bf16's on CUDA, where both steps autocast). `compile`: also `train_step` on `torch.compile` of the model ('compiled')."""
     p = load_profile(profile)
     dev = get_device(device)
     ctx = bench_context(dev)
@@ -217,6 +221,9 @@ def bench_pretrain(profile: Profile | str, steps: int = 10, batch: int | None = 
     opt_r = torch.optim.AdamW(param_groups(ref, p.pre_weight_decay), lr=pretrain_lr(p), betas=(p.pre_beta1, p.pre_beta2))
     steps_of = {'ours': lambda s: train_step(ours, opt_o, frames, step_draws(seed, 0, s, B, p), 1e-4, p.img_size),
                 'official': lambda s: official_step(ref, opt_r, crops, p.mask_ratio)}
+    if compile:
+        comp = MAE(p).to(dev).train(); comp.load_state_dict(ours.state_dict()); opt_c, fwd = make_optimizer(comp, p), torch.compile(comp)
+        steps_of['compiled'] = lambda s: train_step(fwd, opt_c, frames, step_draws(seed, 0, s, B, p), 1e-4, p.img_size)
     times = {k: 0.0 for k in steps_of}
     per = max(1, steps // rounds)
     def go(k, n, timed):
@@ -224,16 +231,18 @@ def bench_pretrain(profile: Profile | str, steps: int = 10, batch: int | None = 
         for s in range(n): loss = steps_of[k](s)
         loss.item(); sync_device(dev)
         if timed: times[k] += time.perf_counter() - t0
-    for k in steps_of: go(k, warmup, False)
+    for k in steps_of: go(k, warmup + 2 * (k == 'compiled'), False)           # compiling happens in the warm-up
     for r in range(rounds):
         for k in (steps_of if r % 2 == 0 else list(steps_of)[::-1]): go(k, per, True)
     res = {k: B * per * rounds / t for k, t in times.items()}
-    gf = mae_step_gflop(p, 1) * res['ours']
+    gf, bf16 = mae_step_gflop(p, 1) * res['ours'], dev.type == 'cuda'
     res.update(ratio=res['ours'] / res['official'], profile=p.name, batch=B, steps=per * rounds, gflop_s=gf,
-               pct_peak=100 * gf / ctx['peak_gflop_s'], **ctx)
+               pct_peak=100 * gf / peak_of(ctx, bf16), **ctx)
+    if compile: res['compile_speedup'] = res['compiled'] / res['ours']
     if verbose:
+        comp = f", compiled {res['compiled']:.1f} img/s ({res['compile_speedup']:.2f}x ours)" if compile else ''
         print(f"{p.name}: batch {B}, {per * rounds} steps: ours {res['ours']:.1f} img/s, official step {res['official']:.1f} "
-              f"img/s, ratio {res['ratio']:.2f} [{bench_note(ctx, gf)}]")
+              f"img/s, ratio {res['ratio']:.2f}{comp} [{bench_note(ctx, gf, bf16)}]")
     return res
 
 # %% ../nbs/05_pretrain.ipynb #6adc2d22

@@ -16,7 +16,7 @@ from .config import load_profile, settings_path, package_dir
 __all__ = ['USER_ERRORS', 'DeviceError', 'check_device', 'get_device', 'seed_everything', 'set_threads', 'threads_limit',
            'add_run_args', 'parse_run_args', 'cli', 'data_root', 'cache_dir', 'write_atomic', 'save_checkpoint',
            'CheckpointError', 'load_checkpoint', 'finished_run', 'file_sha256', 'weights_sha256', 'clean_leftovers',
-           'writable_dir', 'sync_device', 'matmul_peak', 'bench_context', 'bench_note']
+           'writable_dir', 'sync_device', 'matmul_peak', 'bench_context', 'peak_of', 'bench_note']
 
 # %% ../nbs/00a_runtime.ipynb #dd551b81
 class DeviceError(ValueError):
@@ -250,12 +250,12 @@ def sync_device(dev: torch.device):
     if dev.type == 'cuda': torch.cuda.synchronize(dev)
 
 # %% ../nbs/00a_runtime.ipynb #d3998032
-def matmul_peak(device=None, n: int | None = None, reps: int = 5) -> float:
-    "Measured float32 matmul throughput (GFLOP/s) of square n x n products (n: 2048 on a CPU, 8192 on a GPU), best of `reps`."
+def matmul_peak(device=None, n: int | None = None, reps: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    "Measured matmul throughput (GFLOP/s) of square n x n `dtype` products (n: 2048 on a CPU, 8192 on a GPU), best of `reps`."
     dev = torch.device(device) if device is not None else torch.device('cpu')
     n = n or (8192 if dev.type == 'cuda' else 2048)
     g = torch.Generator(device=dev).manual_seed(0)
-    a, b = torch.randn(n, n, device=dev, generator=g), torch.randn(n, n, device=dev, generator=g)
+    a, b = (torch.randn(n, n, device=dev, generator=g).to(dtype) for _ in range(2))
     best = float('inf')
     with torch.inference_mode():
         for i in range(reps + 1):
@@ -265,13 +265,23 @@ def matmul_peak(device=None, n: int | None = None, reps: int = 5) -> float:
 
 # %% ../nbs/00a_runtime.ipynb #e9330b99
 def bench_context(device=None) -> dict:
-    "What every benchmark records beside its result: device, threads, load average (1, 5, 15 min) and the measured matmul peak."
+    """What every benchmark records beside its result: device, threads, load average (1, 5, 15 min) and the measured
+    float32 matmul peak; on CUDA also the bfloat16 peak, the one that counts for the kit's bf16-autocast passes."""
     dev = torch.device(device) if device is not None else torch.device('cpu')
     load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, 'getloadavg') else None
-    return dict(device=str(dev), threads=torch.get_num_threads(), load_average=load, peak_gflop_s=round(matmul_peak(dev), 1))
+    ctx = dict(device=str(dev), threads=torch.get_num_threads(), load_average=load, peak_gflop_s=round(matmul_peak(dev), 1))
+    if dev.type == 'cuda': ctx['peak_bf16_gflop_s'] = round(matmul_peak(dev, dtype=torch.bfloat16), 1)
+    return ctx
 
-def bench_note(ctx: dict, gflop_s: float | None = None) -> str:
-    "One line: `device, N threads, load a/b/c, peak P GFLOP/s` and, given a rate, its share of the peak."
+def peak_of(ctx: dict, bf16: bool = False) -> float:
+    "The peak a rate is compared with: the bfloat16 one for a bf16 pass where it was measured (CUDA), else float32."
+    return ctx.get('peak_bf16_gflop_s', ctx['peak_gflop_s']) if bf16 else ctx['peak_gflop_s']
+
+def bench_note(ctx: dict, gflop_s: float | None = None, bf16: bool = False) -> str:
+    "One line: `device, N threads, load a/b/c, matmul peak P GFLOP/s` and, given a rate, its share of the peak (`peak_of`)."
     s = (f"{ctx['device']}, {ctx['threads']} threads, load average {'/'.join(map(str, ctx['load_average'] or ['?']))}, "
-         f"matmul peak {ctx['peak_gflop_s']:.0f} GFLOP/s")
-    return s + (f"; {gflop_s:.0f} GFLOP/s = {100 * gflop_s / ctx['peak_gflop_s']:.0f} % of peak" if gflop_s else '')
+         f"matmul peak {ctx['peak_gflop_s']:.0f} GFLOP/s float32")
+    if 'peak_bf16_gflop_s' in ctx: s += f", {ctx['peak_bf16_gflop_s']:.0f} bf16"
+    if not gflop_s: return s
+    which = 'bf16 ' if bf16 and 'peak_bf16_gflop_s' in ctx else ''
+    return s + f"; {gflop_s:.0f} GFLOP/s = {100 * gflop_s / peak_of(ctx, bf16):.0f} % of the {which}peak"

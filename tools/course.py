@@ -5,6 +5,7 @@ the notebook, so that a reader on GitHub sees every figure, table and printed sh
     python tools/course.py                  # every notebook (about 10 minutes on 2 cores)
     python tools/course.py 05 13            # only the notebooks whose names start with 05 or 13
     python tools/course.py --flags slow     # also run the #| slow cells (their outputs are kept too)
+    python tools/course.py --gpu-outputs D  # copy the #| gpu cells' outputs from the notebooks in D/nbs (a GPU run)
 
 The cells nbdev-test skips stay skipped (`#| slow`, `#| gpu`, `#| notest`, unless --flags names them);
 they keep no output. Figures are PNG at 72 dpi. The notebooks seed everything they draw, so a rerun on
@@ -36,13 +37,39 @@ def run_one(fn: Path, flags: list[str]) -> None:
     write_nb(nb, fn)
 
 
+def take_gpu_outputs(src: Path, dst: Path = ROOT / 'nbs') -> list[str]:
+    "Copy the outputs of the `#| gpu` cells of the notebooks in `src` (same cell id, same source) into `dst`; -> the cells taken."
+    from fastcore.nbio import read_nb, write_nb
+    taken = []
+    for fn in sorted(src.glob('*.ipynb')):
+        mine = Path(dst) / fn.name
+        if not mine.is_file(): continue
+        theirs = {c.get('id'): c for c in read_nb(fn).cells}
+        nb, changed = read_nb(mine), False
+        for c in nb.cells:
+            t = theirs.get(c.get('id'))
+            if c.cell_type == 'code' and '#| gpu' in c.source and t is not None and t.source == c.source and t.get('outputs'):
+                c['outputs'] = t['outputs']; changed = True; taken.append(f"{fn.name}#{c['id']}")
+        if changed: write_nb(nb, mine)
+    return taken
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Run every notebook of the course in order and keep its outputs.")
     ap.add_argument('only', nargs='*', help='run only the notebooks whose names start with these (e.g. 05 13)')
     ap.add_argument('--flags', default='', help='space-separated cell flags to run as well (e.g. "slow")')
     ap.add_argument('--threads', type=int, default=1, help='math threads of each notebook (default 1, as test.sh)')
+    ap.add_argument('--gpu-outputs', default=None, metavar='DIR',
+                    help="copy the #| gpu cells' outputs from DIR/nbs (gpu_session.sh's notebooks, unpacked) into nbs/")
     ap.add_argument('--one', default=None, help=argparse.SUPPRESS)          # internal: run this one notebook here
     a = ap.parse_args(argv)
+    if a.gpu_outputs:
+        src = Path(a.gpu_outputs) / 'nbs'
+        if not src.is_dir(): ap.error(f"--gpu-outputs: no folder {src} (unpack gpu_notebooks.tar.gz into {a.gpu_outputs})")
+        taken = take_gpu_outputs(src)
+        subprocess.run(['nbdev-clean'], cwd=ROOT, check=True)
+        print(f"{len(taken)} #| gpu cell outputs taken: {', '.join(taken) or 'none'}")
+        return
     if a.one:
         return run_one(Path(a.one), a.flags.split())
     nbs = sorted((ROOT / 'nbs').glob('*.ipynb'), key=lambda f: (f.name != 'index.ipynb', f.name))
