@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from .config import Profile, need_profile
 from .runtime import get_device, load_checkpoint, bench_context, bench_note, peak_of, sync_device
-from .mae import MAE, load_mae, vit_gflop
+from .mae import MAE, load_mae, encoder_pass_gflop
 from .carb import Projector
 from .refine import load_refined
 
@@ -180,8 +180,7 @@ def show_similarity(feat_fns: dict, imgs: torch.Tensor, lms: torch.Tensor, landm
 def encoder_gflop(profile: Profile, images: int = 1, stride: int | None = None) -> float:
     "Forward GFLOP of the encoder for `images` images at cover-and-stride `stride` (patch/stride)^2 passes each."
     p = need_profile(profile, 'encoder_gflop'); s = p.eval_stride if stride is None else stride
-    per = vit_gflop(p.n_tokens + 1, p.embed_dim, p.depth, p.mlp_ratio) + 2 * p.n_tokens * 3 * p.patch_size ** 2 * p.embed_dim / 1e9
-    return images * (p.patch_size // s) ** 2 * per
+    return encoder_pass_gflop(p, images * (p.patch_size // s) ** 2)
 
 # %% ../nbs/11_dense.ipynb #ba150a9c
 def bench_dense(mae: MAE, imgs: torch.Tensor, strides=STRIDES, projector=None, which=None, repeats: int = 3,

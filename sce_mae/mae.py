@@ -21,7 +21,7 @@ __all__ = ['MEAN', 'STD', 'patchify', 'unpatchify', 'show_patches', 'grid_positi
            'from_unit', 'cell_centres', 'nearest_cell', 'sincos_pos_embed', 'random_masking', 'Encoded', 'MAE',
            'mae_deit_tiny', 'mae_deit_small', 'mae_deit_base', 'reconstruct', 'show_reconstructions',
            'encoder_param_count', 'show_attention', 'WeightLoadError', 'save_mae', 'load_vit_state_dict', 'load_mae',
-           'vit_gflop', 'mae_step_gflop']
+           'vit_gflop', 'mae_step_gflop', 'encoder_pass_gflop']
 
 # %% ../nbs/04_mae.ipynb #bd33c577
 def patchify(imgs: torch.Tensor, patch: int) -> torch.Tensor:
@@ -426,3 +426,8 @@ def mae_step_gflop(profile: Profile, batch: int = 1) -> float:
     fwd = (2 * N * 3 * P * P * D + vit_gflop(keep, D, p.depth, p.mlp_ratio) * 1e9 + 2 * keep * D * Dd
            + vit_gflop(N + 1, Dd, p.dec_depth, p.mlp_ratio) * 1e9 + 2 * (N + 1) * Dd * P * P * 3)
     return 3 * batch * fwd / 1e9
+
+def encoder_pass_gflop(profile: Profile, images: int = 1) -> float:
+    "Forward GFLOP of the whole encoder (patch embedding and every block, all tokens and CLS, no mask) on `images` images."
+    p = need_profile(profile, 'encoder_pass_gflop')
+    return images * (vit_gflop(p.n_tokens + 1, p.embed_dim, p.depth, p.mlp_ratio) + 2 * p.n_tokens * 3 * p.patch_size ** 2 * p.embed_dim / 1e9)

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .config import Profile, load_profile, need_profile
 from .runtime import (get_device, seed_everything, save_checkpoint, load_checkpoint, add_run_args,
-                             parse_run_args, cli, writable_dir, bench_context, bench_note, file_sha256, sync_device,
+                             parse_run_args, cli, writable_dir, bench_context, bench_note, peak_of, file_sha256, sync_device,
                              finished_run)
-from .mae import MAE, load_mae, grid_positions, cell_centres
+from .mae import MAE, load_mae, grid_positions, cell_centres, encoder_pass_gflop
 from .training import (warmup_cosine, adamw, StepLog, load_frames, epoch_order, step_draws, augment,
                               seeded_generator, rng_state, set_rng_state)
 from .carb import carb_inputs, Projector
@@ -404,7 +404,8 @@ def main(argv=None):
 # %% ../nbs/10_refine.ipynb #fdcf0ec6
 def bench_refine(profile: Profile | str, steps: int = 5, batch: int | None = None, device=None, modes=None,
                  seed: int = 0, verbose: bool = True) -> dict:
-    "Seconds per refinement step (stage-2 inputs, projector step) and images/s of each mode on random frames."
+    """Seconds per refinement step (stage-2 inputs, projector step) and images/s of each mode on random frames; the inputs'
+    GFLOP/s (two frozen-encoder passes per face) against the peak (bf16's on CUDA, where the encoder autocasts)."""
     p = load_profile(profile); dev = get_device(device); B = batch or p.ref_batch
     g = torch.Generator().manual_seed(seed)
     frames = torch.randint(0, 256, (B, 3, p.frame_size, p.frame_size), generator=g, dtype=torch.uint8).to(dev)
@@ -422,8 +423,11 @@ def bench_refine(profile: Profile | str, steps: int = 5, batch: int | None = Non
             refine_step(proj, opt, batch, p.ref_lr, p).item()
             sync_device(dev); t2 = time.perf_counter()
             if s: t_in += t1 - t0; t_step += t2 - t1
-        res[mode] = dict(inputs_s=t_in / steps, step_s=t_step / steps, img_per_s=B * steps / (t_in + t_step))
+        gf = encoder_pass_gflop(p, 2 * B) * steps / t_in
+        res[mode] = dict(inputs_s=t_in / steps, step_s=t_step / steps, img_per_s=B * steps / (t_in + t_step),
+                         inputs_gflop_s=gf, inputs_pct_peak=100 * gf / peak_of(ctx, dev.type == 'cuda'))
         if verbose:
             print(f"{p.name} {mode:>10}: batch {B}: inputs {1e3 * t_in / steps:.0f} ms, "
-                  f"projector step {1e3 * t_step / steps:.0f} ms, {res[mode]['img_per_s']:.0f} img/s [{bench_note(ctx)}]")
+                  f"projector step {1e3 * t_step / steps:.0f} ms, {res[mode]['img_per_s']:.0f} img/s "
+                  f"[{bench_note(ctx, gf, dev.type == 'cuda')}]")
     return res
