@@ -423,11 +423,11 @@ def bench_refine(profile: Profile | str, steps: int = 5, batch: int | None = Non
             refine_step(proj, opt, batch, p.ref_lr, p).item()
             sync_device(dev); t2 = time.perf_counter()
             if s: t_in += t1 - t0; t_step += t2 - t1
-        gf = encoder_pass_gflop(p, 2 * B) * steps / t_in
+        gf, bf16 = encoder_pass_gflop(p, 2 * B) * steps / t_in, dev.type == 'cuda'     # the encoder autocasts on CUDA
         res[mode] = dict(inputs_s=t_in / steps, step_s=t_step / steps, img_per_s=B * steps / (t_in + t_step),
-                         inputs_gflop_s=gf, inputs_pct_peak=100 * gf / peak_of(ctx, dev.type == 'cuda'))
+                         inputs_gflop_s=gf, inputs_pct_peak=100 * gf / peak_of(ctx, bf16))
         if verbose:
             print(f"{p.name} {mode:>10}: batch {B}: inputs {1e3 * t_in / steps:.0f} ms, "
                   f"projector step {1e3 * t_step / steps:.0f} ms, {res[mode]['img_per_s']:.0f} img/s "
-                  f"[{bench_note(ctx, gf, dev.type == 'cuda')}]")
+                  f"[{bench_note(ctx, gf, bf16)}]")
     return res

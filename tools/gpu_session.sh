@@ -51,7 +51,7 @@ run)
 
   echo "== measurements ($((SECONDS - t0)) s)"
   timeout 240 python3 - "$out/gpu_bench.json" <<'EOF' || echo "measurements: FAILED or timed out (rc $?)"
-import json, sys, time
+import json, sys
 from sce_mae.pretrain import bench_pretrain
 from sce_mae.refine import bench_refine
 from sce_mae.evaluate import bench_matching
