@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .config import Profile, need_profile
-from .runtime import get_device, load_checkpoint, bench_context, bench_note, peak_of, sync_device
+from .runtime import get_device, load_checkpoint, bench_context, bench_note, peak_of, sync_device, autocast_bf16
 from .mae import MAE, load_mae, encoder_pass_gflop
 from .carb import Projector
 from .refine import load_refined
@@ -96,8 +96,7 @@ class DenseFeatures(nn.Module):
 
     def token_maps(self, imgs: torch.Tensor) -> torch.Tensor:
         "The chosen per-token features (n, N, C) of images (n, 3, S, S): no split, no clustering."
-        dev = imgs.device
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp and dev.type == 'cuda'):
+        with autocast_bf16(imgs.device, self.amp):
             tok = self.mae.encode(imgs).tokens
         tok = tok.float()
         parts = []
@@ -186,7 +185,7 @@ def encoder_gflop(profile: Profile, images: int = 1, stride: int | None = None) 
 def bench_dense(mae: MAE, imgs: torch.Tensor, strides=STRIDES, projector=None, which=None, repeats: int = 3,
                 chunk: int | None = None, amp: bool = False, verbose: bool = True) -> dict:
     "Images/s and GFLOP/s of `DenseFeatures` at each stride on `imgs` (best of `repeats` after a warm-up), beside the machine's peak (`peak_of`)."
-    dev = _device(mae); ctx = bench_context(dev)
+    dev = _device(mae); ctx = bench_context(dev, bf16=amp)
     res = dict(img_per_s={}, gflop_s={}, pct_peak={}, **ctx)
     for s in strides:
         df = DenseFeatures(mae, projector, stride=s, which=which, chunk=chunk, amp=amp)

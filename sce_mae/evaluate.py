@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 from . import __version__
 from .config import Profile, load_profile
 from .runtime import (get_device, seed_everything, load_checkpoint, add_run_args, parse_run_args, cli,
-                             writable_dir, bench_context, peak_of, threads_limit, set_threads)
+                             writable_dir, bench_context, bench_note, peak_of, threads_limit, set_threads)
 from .datasets import get_dataset
 from .mae import MAE, load_mae, encoder_param_count
 from .refine import load_refined, check_backbone, file_sha256, VARIANTS
@@ -384,12 +384,13 @@ def main(argv=None):
 # %% ../nbs/14_evaluate.ipynb #abb0557b
 def bench_matching(profile: Profile | str = 'deit_tiny', dataset: str = 'mtfl', root=None, n: int = 1000,
                    stride: int = 4, seed: int = 0, batch: int = 64, threads: int | None = None, device=None,
-                   amp: bool = False, progress: bool = False) -> dict:
+                   amp: bool = False, progress: bool = False, verbose: bool = True) -> dict:
     """Seconds of one matching run (both matchers, views included) on the first n test frames of `dataset`, random-init MAE
-    of `profile`, on `device`; `amp`: the features in bf16 autocast on CUDA (their % is then of the bf16 peak)."""
+    of `profile`, on `device`, printed (`verbose`) with the peak and the load; `amp`: the features in bf16 autocast (on CUDA
+    or a CPU; their % is then of the bf16 peak)."""
     p = load_profile(profile)
     _limiter = set_threads(threads)
-    dev = get_device(device); ctx = bench_context(dev)
+    dev = get_device(device); ctx = bench_context(dev, bf16=amp)
     load0, t0 = os.getloadavg(), time.perf_counter()
     ds = get_dataset(dataset, 'test', root, n=n, size=p.img_size, full=True)
     views = matching_views(ds, p, n=n, seed=0, progress=progress)
@@ -401,6 +402,10 @@ def bench_matching(profile: Profile | str = 'deit_tiny', dataset: str = 'mtfl', 
     s = r['seconds']
     n_feat = 3 * len(views['pairs'])
     gflop = encoder_gflop(p, n_feat, stride)
+    if verbose:
+        print(f"{p.name} matching, {views['n']} {dataset} images, stride {stride}{', bf16' if amp else ''}: "
+              f"{t_views + s['total']:.1f} s (views {t_views:.1f} s, features {s['features']:.1f} s for {gflop / 1e3:.1f} TFLOP, "
+              f"matching {s['match']:.1f} s) [{bench_note(ctx, gflop / s['features'], amp)}]")
     return dict(profile=p.name, dataset=dataset, n_images=views['n'], stride=stride, device=str(dev), amp=amp,
                 threads=torch.get_num_threads(), encoder_params_m=encoder_param_count(mae) / 1e6, load_average_before=list(load0),
                 load_average_after=list(os.getloadavg()), data_and_views_s=t_views, features_s=s['features'],

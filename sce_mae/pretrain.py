@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .config import Profile, load_profile
 from .runtime import (get_device, seed_everything, save_checkpoint, load_checkpoint, add_run_args,
                              parse_run_args, cli, writable_dir, bench_context, bench_note, peak_of, sync_device, file_sha256,
-                             set_threads, finished_run, write_atomic)
+                             set_threads, finished_run, write_atomic, autocast_bf16)
 from .training import (warmup_cosine, param_groups, adamw, load_frames, step_draws, augment, epoch_order, rng_state,
                               set_rng_state, StepLog)
 from .mae import MAE, save_mae, load_mae, reconstruct, show_reconstructions, show_attention, mae_step_gflop
@@ -40,7 +40,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, frames: torch.Tenso
     dev = frames.device
     imgs = augment(frames, draws['off'], draws['fac'], size)
     for g in opt.param_groups: g['lr'] = lr
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == 'cuda'):
+    with autocast_bf16(dev):
         loss, _, _ = model(imgs, noise=draws['noise'].to(dev))
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -196,7 +196,7 @@ def main(argv=None):
 def official_step(model: nn.Module, opt: torch.optim.Optimizer, imgs: torch.Tensor, mask_ratio: float) -> torch.Tensor:
     """One step as the official MAE loop runs it: forward on a ready batch (under autocast on CUDA, as the official loop's
     mixed precision; bfloat16 here, as the kit's), backward, `opt.step()`, `opt.zero_grad()`."""
-    with torch.autocast(imgs.device.type, dtype=torch.bfloat16, enabled=imgs.device.type == 'cuda'):
+    with autocast_bf16(imgs.device):
         loss, _, _ = model(imgs, mask_ratio)
     loss.backward()
     opt.step(); opt.zero_grad(set_to_none=True)

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .config import Profile, load_profile, need_profile
 from .runtime import (get_device, seed_everything, save_checkpoint, load_checkpoint, add_run_args,
                              parse_run_args, cli, writable_dir, bench_context, bench_note, peak_of, file_sha256, sync_device,
-                             finished_run)
+                             finished_run, autocast_bf16)
 from .mae import MAE, load_mae, grid_positions, cell_centres, encoder_pass_gflop
 from .training import (warmup_cosine, adamw, StepLog, load_frames, epoch_order, step_draws, augment,
                               seeded_generator, rng_state, set_rng_state)
@@ -73,7 +73,7 @@ def _check_mode(mode):
 def _encode(mae: MAE, imgs: torch.Tensor, p: Profile, split: bool = False):
     "The frozen encoder on `imgs` (bfloat16 autocast on CUDA); with `split`, also the split block's tokens and CLS attention."
     dev, sb = imgs.device, p.split_block
-    with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == 'cuda'):
+    with autocast_bf16(dev):
         return mae.encode(imgs, blocks=(sb,), attn_block=sb) if split else mae.encode(imgs)
 
 # %% ../nbs/10_refine.ipynb #05c3bfbe

@@ -13,10 +13,11 @@ import torch
 from .config import load_profile, settings_path, package_dir
 
 # %% auto #0
-__all__ = ['USER_ERRORS', 'DeviceError', 'check_device', 'get_device', 'seed_everything', 'set_threads', 'threads_limit',
-           'add_run_args', 'parse_run_args', 'cli', 'data_root', 'cache_dir', 'write_atomic', 'save_checkpoint',
-           'CheckpointError', 'load_checkpoint', 'finished_run', 'file_sha256', 'weights_sha256', 'clean_leftovers',
-           'writable_dir', 'sync_device', 'matmul_peak', 'bench_context', 'peak_of', 'bench_note']
+__all__ = ['USER_ERRORS', 'DeviceError', 'check_device', 'get_device', 'seed_everything', 'bf16_native', 'autocast_bf16',
+           'set_threads', 'threads_limit', 'add_run_args', 'parse_run_args', 'cli', 'data_root', 'cache_dir',
+           'write_atomic', 'save_checkpoint', 'CheckpointError', 'load_checkpoint', 'finished_run', 'file_sha256',
+           'weights_sha256', 'clean_leftovers', 'writable_dir', 'sync_device', 'matmul_peak', 'bench_context',
+           'peak_of', 'bench_note']
 
 # %% ../nbs/00a_runtime.ipynb #dd551b81
 class DeviceError(ValueError):
@@ -55,6 +56,20 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+# %% ../nbs/00a_runtime.ipynb #a5309a37
+def bf16_native(device=None) -> bool:
+    "Whether `device` multiplies bfloat16 in hardware: a CUDA GPU with bf16, or a CPU with AMX or AVX-512 BF16 (oneDNN's check)."
+    dev = torch.device(device) if device is not None else torch.device('cpu')
+    if dev.type == 'cuda': return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return dev.type == 'cpu' and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+# %% ../nbs/00a_runtime.ipynb #363870c9
+def autocast_bf16(device, enabled: bool | None = None):
+    "bf16 autocast on `device`'s type: `enabled=None`, the kit's default, is on for CUDA and off elsewhere; True or False decides."
+    dev = torch.device(device)
+    on = dev.type == 'cuda' if enabled is None else bool(enabled)
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on)
 
 # %% ../nbs/00a_runtime.ipynb #9116f0d1
 def set_threads(n: int | None):
@@ -264,17 +279,17 @@ def matmul_peak(device=None, n: int | None = None, reps: int = 5, dtype: torch.d
     return 2 * n ** 3 / best / 1e9
 
 # %% ../nbs/00a_runtime.ipynb #e9330b99
-def bench_context(device=None) -> dict:
+def bench_context(device=None, bf16: bool = False) -> dict:
     """What every benchmark records beside its result: device, threads, load average (1, 5, 15 min) and the measured
-    float32 matmul peak; on CUDA also the bfloat16 peak, the one that counts for the kit's bf16-autocast passes."""
+    float32 matmul peak; on CUDA, or for a bf16 pass on a CPU (`bf16`), also the bfloat16 peak, the one such passes count against."""
     dev = torch.device(device) if device is not None else torch.device('cpu')
     load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, 'getloadavg') else None
     ctx = dict(device=str(dev), threads=torch.get_num_threads(), load_average=load, peak_gflop_s=round(matmul_peak(dev), 1))
-    if dev.type == 'cuda': ctx['peak_bf16_gflop_s'] = round(matmul_peak(dev, dtype=torch.bfloat16), 1)
+    if dev.type == 'cuda' or bf16: ctx['peak_bf16_gflop_s'] = round(matmul_peak(dev, dtype=torch.bfloat16), 1)
     return ctx
 
 def peak_of(ctx: dict, bf16: bool = False) -> float:
-    "The peak a rate is compared with: the bfloat16 one for a bf16 pass where it was measured (CUDA), else float32."
+    "The peak a rate is compared with: the bfloat16 one for a bf16 pass where it was measured (`bench_context`), else float32."
     return ctx.get('peak_bf16_gflop_s', ctx['peak_gflop_s']) if bf16 else ctx['peak_gflop_s']
 
 def bench_note(ctx: dict, gflop_s: float | None = None, bf16: bool = False) -> str:
