@@ -5,6 +5,7 @@ the notebook, so that a reader on GitHub sees every figure, table and printed sh
     python tools/course.py                  # every notebook (about 10 minutes on 2 cores)
     python tools/course.py 05 13            # only the notebooks whose names start with 05 or 13
     python tools/course.py --flags slow     # also run the #| slow cells (their outputs are kept too)
+    python tools/course.py --gpu-chapters   # list the notebooks that hold #| gpu cells
     python tools/course.py --gpu-outputs D  # copy the #| gpu cells' outputs from the notebooks in D/nbs (a GPU run)
 
 The cells nbdev-test skips stay skipped (`#| slow`, `#| gpu`, `#| notest`, unless --flags names them);
@@ -37,6 +38,17 @@ def run_one(fn: Path, flags: list[str]) -> None:
     write_nb(nb, fn)
 
 
+def is_gpu_cell(c) -> bool:
+    "A code cell carrying nbdev's `#| gpu` directive (a line of its own), the flag the GPU run executes."
+    return c['cell_type'] == 'code' and any(l.strip() == '#| gpu' for l in ''.join(c['source']).splitlines())
+
+
+def gpu_chapters(nbs: Path = ROOT / 'nbs') -> list[Path]:
+    "The notebooks of `nbs` that hold `#| gpu` cells: the chapters `tools/gpu_session.sh run` executes."
+    import json
+    return [f for f in sorted(nbs.glob('*.ipynb')) if any(is_gpu_cell(c) for c in json.loads(f.read_text())['cells'])]
+
+
 def take_gpu_outputs(src: Path, dst: Path = ROOT / 'nbs') -> list[str]:
     "Copy the outputs of the `#| gpu` cells of the notebooks in `src` (same cell id, same source) into `dst`; -> the cells taken."
     from fastcore.nbio import read_nb, write_nb
@@ -48,7 +60,7 @@ def take_gpu_outputs(src: Path, dst: Path = ROOT / 'nbs') -> list[str]:
         nb, changed = read_nb(mine), False
         for c in nb.cells:
             t = theirs.get(c.get('id'))
-            if c.cell_type == 'code' and '#| gpu' in c.source and t is not None and t.source == c.source and t.get('outputs'):
+            if is_gpu_cell(c) and t is not None and t.source == c.source and t.get('outputs'):
                 c['outputs'] = t['outputs']; changed = True; taken.append(f"{fn.name}#{c['id']}")
         if changed: write_nb(nb, mine)
     return taken
@@ -61,8 +73,11 @@ def main(argv=None):
     ap.add_argument('--threads', type=int, default=1, help='math threads of each notebook (default 1, as test.sh)')
     ap.add_argument('--gpu-outputs', default=None, metavar='DIR',
                     help="copy the #| gpu cells' outputs from DIR/nbs (gpu_session.sh's notebooks, unpacked) into nbs/")
+    ap.add_argument('--gpu-chapters', action='store_true', help='list the notebooks that hold #| gpu cells, and stop')
     ap.add_argument('--one', default=None, help=argparse.SUPPRESS)          # internal: run this one notebook here
     a = ap.parse_args(argv)
+    if a.gpu_chapters:
+        return print('\n'.join(str(f.relative_to(ROOT)) for f in gpu_chapters()))
     if a.gpu_outputs:
         src = Path(a.gpu_outputs) / 'nbs'
         if not src.is_dir(): ap.error(f"--gpu-outputs: no folder {src} (unpack gpu_notebooks.tar.gz into {a.gpu_outputs})")

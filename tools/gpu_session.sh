@@ -20,7 +20,7 @@ what=${1:-plan}
 PRESENT='anyio build h11 idna packaging psutil pygments pyyaml setuptools six typing_extensions wheel'
 NBDEV='nbdev==3.3.26'
 
-gpu_chapters() { grep -l '"#| gpu' nbs/*.ipynb | sort; }
+gpu_chapters() { python3 tools/course.py --gpu-chapters; }
 
 case "$what" in
 prepare)
