@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .config import Profile, load_profile
 from .runtime import (get_device, seed_everything, save_checkpoint, load_checkpoint, add_run_args,
                              parse_run_args, cli, writable_dir, bench_context, bench_note, peak_of, sync_device, file_sha256,
-                             set_threads, finished_run, write_atomic, autocast_bf16)
+                             set_threads, finished_run, write_atomic, autocast_bf16, uses_bf16)
 from .training import (warmup_cosine, param_groups, adamw, load_frames, step_draws, augment, epoch_order, rng_state,
                               set_rng_state, StepLog)
 from .mae import MAE, save_mae, load_mae, reconstruct, show_reconstructions, show_attention, mae_step_gflop
@@ -235,7 +235,7 @@ def bench_pretrain(profile: Profile | str, steps: int = 10, batch: int | None = 
     for r in range(rounds):
         for k in (steps_of if r % 2 == 0 else list(steps_of)[::-1]): go(k, per, True)
     res = {k: B * per * rounds / t for k, t in times.items()}
-    gf, bf16 = mae_step_gflop(p, 1) * res['ours'], dev.type == 'cuda'
+    gf, bf16 = mae_step_gflop(p, 1) * res['ours'], uses_bf16(dev)
     res.update(ratio=res['ours'] / res['official'], profile=p.name, batch=B, steps=per * rounds, gflop_s=gf,
                pct_peak=100 * gf / peak_of(ctx, bf16), **ctx)
     if compile: res['compile_speedup'] = res['compiled'] / res['ours']

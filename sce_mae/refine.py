@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .config import Profile, load_profile, need_profile
 from .runtime import (get_device, seed_everything, save_checkpoint, load_checkpoint, add_run_args,
                              parse_run_args, cli, writable_dir, bench_context, bench_note, peak_of, file_sha256, sync_device,
-                             finished_run, autocast_bf16)
+                             finished_run, autocast_bf16, uses_bf16)
 from .mae import MAE, load_mae, grid_positions, cell_centres, encoder_pass_gflop
 from .training import (warmup_cosine, adamw, StepLog, load_frames, epoch_order, step_draws, augment,
                               seeded_generator, rng_state, set_rng_state)
@@ -423,7 +423,7 @@ def bench_refine(profile: Profile | str, steps: int = 5, batch: int | None = Non
             refine_step(proj, opt, batch, p.ref_lr, p).item()
             sync_device(dev); t2 = time.perf_counter()
             if s: t_in += t1 - t0; t_step += t2 - t1
-        gf, bf16 = encoder_pass_gflop(p, 2 * B) * steps / t_in, dev.type == 'cuda'     # the encoder autocasts on CUDA
+        gf, bf16 = encoder_pass_gflop(p, 2 * B) * steps / t_in, uses_bf16(dev)       # as `_encode` autocasts
         res[mode] = dict(inputs_s=t_in / steps, step_s=t_step / steps, img_per_s=B * steps / (t_in + t_step),
                          inputs_gflop_s=gf, inputs_pct_peak=100 * gf / peak_of(ctx, bf16))
         if verbose:

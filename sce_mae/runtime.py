@@ -13,11 +13,11 @@ import torch
 from .config import load_profile, settings_path, package_dir
 
 # %% auto #0
-__all__ = ['USER_ERRORS', 'DeviceError', 'check_device', 'get_device', 'seed_everything', 'bf16_native', 'autocast_bf16',
-           'set_threads', 'threads_limit', 'add_run_args', 'parse_run_args', 'cli', 'data_root', 'cache_dir',
-           'write_atomic', 'save_checkpoint', 'CheckpointError', 'load_checkpoint', 'finished_run', 'file_sha256',
-           'weights_sha256', 'clean_leftovers', 'writable_dir', 'sync_device', 'matmul_peak', 'bench_context',
-           'peak_of', 'bench_note']
+__all__ = ['USER_ERRORS', 'DeviceError', 'check_device', 'get_device', 'seed_everything', 'bf16_native', 'uses_bf16',
+           'autocast_bf16', 'set_threads', 'threads_limit', 'add_run_args', 'parse_run_args', 'cli', 'data_root',
+           'cache_dir', 'write_atomic', 'save_checkpoint', 'CheckpointError', 'load_checkpoint', 'finished_run',
+           'file_sha256', 'weights_sha256', 'clean_leftovers', 'writable_dir', 'sync_device', 'matmul_peak',
+           'bench_context', 'peak_of', 'bench_note']
 
 # %% ../nbs/00a_runtime.ipynb #dd551b81
 class DeviceError(ValueError):
@@ -65,11 +65,13 @@ def bf16_native(device=None) -> bool:
     return dev.type == 'cpu' and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 # %% ../nbs/00a_runtime.ipynb #363870c9
+def uses_bf16(device, enabled: bool | None = None) -> bool:
+    "Whether a pass on `device` runs in bf16: `enabled=None`, the kit's default, means on CUDA only; True or False decides."
+    return torch.device(device).type == 'cuda' if enabled is None else bool(enabled)
+
 def autocast_bf16(device, enabled: bool | None = None):
-    "bf16 autocast on `device`'s type: `enabled=None`, the kit's default, is on for CUDA and off elsewhere; True or False decides."
-    dev = torch.device(device)
-    on = dev.type == 'cuda' if enabled is None else bool(enabled)
-    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on)
+    "bf16 autocast on `device`'s type when `uses_bf16(device, enabled)`; a no-op context otherwise."
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=uses_bf16(device, enabled))
 
 # %% ../nbs/00a_runtime.ipynb #9116f0d1
 def set_threads(n: int | None):
