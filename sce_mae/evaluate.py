@@ -402,15 +402,16 @@ def bench_matching(profile: Profile | str = 'deit_tiny', dataset: str = 'mtfl', 
     s = r['seconds']
     n_feat = 3 * len(views['pairs'])
     gflop = encoder_gflop(p, n_feat, stride)
+    rate, total = gflop / s['features'], t_views + s['total']                      # GFLOP/s of the feature pass; seconds in all
     if verbose:
         print(f"{p.name} matching, {views['n']} {dataset} images, stride {stride}{', bf16' if amp else ''}: "
-              f"{t_views + s['total']:.1f} s (views {t_views:.1f} s, features {s['features']:.1f} s for {gflop / 1e3:.1f} TFLOP, "
-              f"matching {s['match']:.1f} s) [{bench_note(ctx, gflop / s['features'], amp)}]")
+              f"{total:.1f} s (views {t_views:.1f} s, features {s['features']:.1f} s for {gflop / 1e3:.1f} TFLOP, "
+              f"matching {s['match']:.1f} s) [{bench_note(ctx, rate, amp)}]")
     return dict(profile=p.name, dataset=dataset, n_images=views['n'], stride=stride, device=str(dev), amp=amp,
                 threads=torch.get_num_threads(), encoder_params_m=encoder_param_count(mae) / 1e6, load_average_before=list(load0),
                 load_average_after=list(os.getloadavg()), data_and_views_s=t_views, features_s=s['features'],
-                match_s=s['match'], matching_total_s=s['total'], total_s=t_views + s['total'],
+                match_s=s['match'], matching_total_s=s['total'], total_s=total,
                 feature_images=n_feat, feature_img_per_s=n_feat / s['features'],
-                tflop=gflop / 1e3, gflop_per_s=gflop / s['features'], pct_peak=100 * gflop / s['features'] / peak_of(ctx, amp),
+                tflop=gflop / 1e3, gflop_per_s=rate, pct_peak=100 * rate / peak_of(ctx, amp),
                 **{k: v for k, v in ctx.items() if k.startswith('peak')},
                 paper_same=r['paper']['same'], paper_different=r['paper']['different'])
